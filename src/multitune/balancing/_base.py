@@ -45,7 +45,11 @@ class Balancer(nn.Module):
     Distributed runs: a method that derives statistics from the losses or from gradient norms
     passes them through :meth:`reduce` before they change its state. :meth:`reduce` applies the
     function set by :meth:`set_reduce_fn` (for example an all-reduce mean over ranks), and is the
-    identity by default, so every rank makes the same state update.
+    identity by default, so every rank makes the same state update. Per-task statistics go
+    through :meth:`reduce_task_stats`, which averages a task only over the ranks that have it.
+    NOTE: a reduce function such as an all-reduce is a collective call, which every rank must
+    reach the same number of times. A rank whose losses are all missing or non-finite skips
+    :meth:`combine` and so its calls.
 
     Args:
         task_names: names of the tasks, unique and non-empty.
@@ -66,7 +70,7 @@ class Balancer(nn.Module):
         self.on_nonfinite: NonFinitePolicy = on_nonfinite
         self.task_index: dict[str, int] = {name: i for i, name in enumerate(self.task_names)}
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self._weights: dict[str, float] = {}
+        self._last_weights = _WeightRecord()
         self._reduce_fn: ReduceFn | None = None
         self.nonfinite_counts: dict[str, int] = {}
 
@@ -77,7 +81,7 @@ class Balancer(nn.Module):
     @property
     def weights(self) -> dict[str, float]:
         """Weights used in the last call, by task; tasks absent from that call are not listed."""
-        return dict(self._weights)
+        return self._last_weights.as_dict(self.task_names)
 
     def set_reduce_fn(self, fn: ReduceFn | None) -> None:
         """Set the function that averages statistics over distributed ranks (``None``: identity)."""
@@ -89,16 +93,61 @@ class Balancer(nn.Module):
             return tensor
         return self._reduce_fn(tensor)
 
+    def reduce_task_stats(self, *stats: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        r"""Average per-task statistics over ranks, counting a task only on the ranks where it is present.
+
+        Each argument maps the tasks present in this call to a scalar statistic (a loss, a gradient
+        norm); every mapping has the same tasks. The statistics are packed into one tensor of shape
+        ``(len(stats) + 1, num_tasks)`` in the order of ``task_names``. Row ``k`` contains statistic
+        ``k`` (zero for an absent task) and the last row is 1 where the task is present. That
+        tensor passes through :meth:`reduce` once, so a distributed run makes one collective call
+        per step, and the mean of a task over the ranks that have it is
+
+        .. math:: \bar{s}_i = \frac{\operatorname{mean}_r(s_{r,i}\,m_{r,i})}{\operatorname{mean}_r(m_{r,i})}.
+
+        Returns:
+            ``(means, present)``: ``means`` of shape ``(len(stats), num_tasks)``, zero where no
+            rank has the task, and ``present``, a bool tensor of shape ``(num_tasks,)``.
+        """
+        if not stats or not stats[0]:
+            raise ValueError("reduce_task_stats needs at least one non-empty mapping of task name to statistic")
+        names = list(stats[0])
+        for column in stats[1:]:
+            if list(column) != names:
+                raise ValueError(f"reduce_task_stats: every mapping needs the tasks {names}, got {list(column)}")
+
+        first = stats[0][names[0]]
+        dtype = torch.promote_types(first.dtype, torch.float32)
+        rows = [torch.stack([column[name].detach().reshape(()) for name in names]).to(dtype) for column in stats]
+        if names == list(self.task_names):
+            values = torch.stack(rows)
+            presence = torch.ones((1, self.num_tasks), dtype=dtype, device=first.device)
+        else:
+            index = torch.tensor([self.task_index[name] for name in names], device=first.device)
+            values = torch.zeros((len(stats), self.num_tasks), dtype=dtype, device=first.device)
+            values.index_copy_(1, index, torch.stack(rows))
+            presence = torch.zeros((1, self.num_tasks), dtype=dtype, device=first.device)
+            presence.index_fill_(1, index, 1.0)
+
+        if self._reduce_fn is None:
+            return values, presence[0] > 0
+
+        reduced = self.reduce(torch.cat([values, presence]))
+        count = reduced[-1]
+        present = count > 0
+        means = torch.where(present, reduced[:-1] / torch.where(present, count, torch.ones_like(count)), 0.0)
+        return means, present
+
     def forward(self, losses: Mapping[str, Tensor]) -> Tensor:
         finite = self._finite_losses(losses)
         if not finite:
-            self._weights = {}
-            self.step += 1
+            self._last_weights.clear()
+            self.step.add_(1)
             return _zero_total(losses)
 
         total, weights = self.combine(finite)
-        self._weights = {name: float(w) for name, w in weights.items()}
-        self.step += 1
+        self._last_weights.store(type(self).__name__, list(finite), weights)
+        self.step.add_(1)
         return total
 
     def backward(self, losses: Mapping[str, Tensor], **kwargs: Any) -> Tensor:
@@ -112,10 +161,12 @@ class Balancer(nn.Module):
             total.backward()
         return total.detach()
 
-    def combine(self, losses: dict[str, Tensor]) -> tuple[Tensor, Mapping[str, float | Tensor]]:
+    def combine(self, losses: dict[str, Tensor]) -> tuple[Tensor, Mapping[str, float | Tensor] | Tensor]:
         """Return the total loss and the weight of each task, for finite losses only.
 
-        ``losses`` holds at least one task, in the order of ``task_names``.
+        ``losses`` contains at least one task, in the order of ``task_names``. The weights are a
+        mapping of task name to weight, or a 1-D tensor with one weight per task of ``losses``
+        in that order. Tensor weights are copied to the host only when :attr:`weights` is read.
         """
         raise NotImplementedError
 
@@ -132,7 +183,7 @@ class Balancer(nn.Module):
         if unknown:
             raise KeyError(f"unknown task(s) {unknown} passed to {type(self).__name__}; known tasks: {list(self.task_names)}")
 
-        finite: dict[str, Tensor] = {}
+        present: dict[str, Tensor] = {}
         for name in self.task_names:
             if name not in losses:
                 continue
@@ -140,11 +191,16 @@ class Balancer(nn.Module):
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
                 raise ValueError(f"task {name!r}: loss must be a scalar tensor, got {shape}; reduce it with .mean() first")
-            loss = loss.reshape(())
-            if torch.isfinite(loss.detach()).item():
+            present[name] = loss if loss.dim() == 0 else loss.reshape(())
+        if not present:
+            return {}
+
+        finite: dict[str, Tensor] = {}
+        for (name, loss), is_finite in zip(present.items(), _finite_flags(list(present.values()))):
+            if is_finite:
                 finite[name] = loss
-                continue
-            self._handle_nonfinite(name, loss)
+            else:
+                self._handle_nonfinite(name, loss)
         return finite
 
     def _handle_nonfinite(self, name: str, loss: Tensor) -> None:
@@ -166,6 +222,55 @@ class Balancer(nn.Module):
             )
 
 
+class _WeightRecord:
+    """Weights of the last call. Tensor weights are copied to the host on the first read, so a
+    training step does not wait for the device only to fill :attr:`Balancer.weights`."""
+
+    __slots__ = ("floats", "tensor_names", "tensor_values")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.floats: dict[str, float] = {}
+        self.tensor_names: list[str] = []
+        self.tensor_values: Tensor | None = None
+
+    def store(self, owner: str, names: list[str], weights: Mapping[str, float | Tensor] | Tensor) -> None:
+        self.clear()
+        if isinstance(weights, Tensor):
+            if weights.shape != (len(names),):
+                raise ValueError(
+                    f"{owner}.combine returned weights of shape {tuple(weights.shape)}; "
+                    f"expected one weight per task in the call, shape ({len(names)},)"
+                )
+            # Copied, so a later in-place update of a weight buffer does not change these values.
+            self.tensor_names = names
+            self.tensor_values = weights.detach().clone()
+            return
+
+        values: list[Tensor] = []
+        for name, weight in weights.items():
+            if isinstance(weight, Tensor):
+                self.tensor_names.append(name)
+                values.append(weight.detach().reshape(()))
+            else:
+                self.floats[name] = float(weight)
+        if values:
+            dtype = torch.float32
+            for value in values:
+                dtype = torch.promote_types(dtype, value.dtype)
+            # torch.stack copies, so a later in-place update of a weight buffer does not change these values.
+            self.tensor_values = torch.stack([value.to(dtype) for value in values])
+
+    def as_dict(self, order: Sequence[str]) -> dict[str, float]:
+        if self.tensor_values is not None:
+            self.floats.update(zip(self.tensor_names, self.tensor_values.tolist()))
+            self.tensor_names = []
+            self.tensor_values = None
+        return {name: self.floats[name] for name in order if name in self.floats}
+
+
 def _validate_task_names(task_names: Sequence[str]) -> tuple[str, ...]:
     if isinstance(task_names, str):
         raise TypeError(f"task_names must be a sequence of names, got the string {task_names!r}")
@@ -179,6 +284,13 @@ def _validate_task_names(task_names: Sequence[str]) -> tuple[str, ...]:
     if duplicates:
         raise ValueError(f"duplicate task names: {duplicates}")
     return names
+
+
+def _finite_flags(losses: list[Tensor]) -> list[bool]:
+    """Return whether each scalar loss is finite, with one device synchronisation when all share a device."""
+    if len({loss.device for loss in losses}) == 1:
+        return torch.isfinite(torch.stack([loss.detach() for loss in losses])).tolist()
+    return [bool(torch.isfinite(loss.detach()).item()) for loss in losses]
 
 
 def _zero_total(losses: Mapping[str, Tensor]) -> Tensor:
