@@ -523,3 +523,23 @@ def test_last_shared_layer_round_equals_step():
 
     _assert_grads(_grads(net), expected)
     torch.testing.assert_close(rounds.gramians[0], all_tasks.gramians[0], rtol=1e-12, atol=1e-14)
+
+
+def test_features_from_another_graph_rejected() -> None:
+    from multitune.balancing import build_balancer
+
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(4, 4)
+    heads = {name: torch.nn.Linear(4, 1) for name in ("a", "b")}
+    balancer = build_balancer("mgda_ub", ["a", "b"], shared_parameters=list(encoder.parameters()))
+    inputs = torch.randn(8, 4)
+    stale_features = encoder(inputs)
+    features = encoder(inputs)
+    losses = {name: head(features).pow(2).mean() for name, head in heads.items()}
+
+    with pytest.raises(ValueError, match="does not depend on the features"):
+        balancer.backward(losses, features=stale_features)
+
+    losses = {name: head(features).pow(2).mean() for name, head in heads.items()}
+    balancer.backward(losses, features=features)
+    assert sum(balancer.weights.values()) == pytest.approx(1.0, abs=1e-5)

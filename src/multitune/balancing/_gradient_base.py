@@ -245,6 +245,12 @@ class GradientBalancer(Balancer):
             task_grads = round_.accumulator.backward(
                 index, loss, task_parameters=task_parameters, retain_graph=keep_graph
             )
+            if self.gradients == "features" and all(entry is None for entry in round_.accumulator.row(index)):
+                self._round = None
+                raise ValueError(
+                    f"{type(self).__name__}: the loss of task {name!r} does not depend on the features passed to "
+                    "backward(); pass the shared representation computed in this step's forward pass"
+                )
 
             value = loss.detach()
             round_.loss_values[index] = value if index not in round_.loss_values else round_.loss_values[index] + value
