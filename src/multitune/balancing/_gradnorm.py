@@ -1,0 +1,382 @@
+"""GradNorm: learn task weights that balance the tasks' gradient norms at the last shared layer."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ._base import Balancer, NonFinitePolicy
+from ._registry import register_balancer
+
+logger = logging.getLogger(__name__)
+
+OptimizerName = Literal["adam", "sgd"]
+InitialLosses = Literal["first"] | int | Mapping[str, float]
+
+
+@register_balancer
+class GradNorm(Balancer):
+    r"""GradNorm task weighting.
+
+    From Chen, Badrinarayanan, Lee and Rabinovich, "GradNorm: Gradient Normalization for Adaptive
+    Loss Balancing in Deep Multitask Networks", ICML 2018 (https://arxiv.org/abs/1711.02257),
+    Algorithm 1. The model is trained on :math:`\mathcal{L} = \sum_i w_i(t)\,\mathcal{L}_i(t)`,
+    and the weights :math:`w_i` are learned so that every task's gradient norm at the shared
+    parameters :math:`W` (typically the weight of the last shared layer) follows its training rate:
+
+    .. math::
+
+        G_i &= \lVert \nabla_W\, w_i \mathcal{L}_i \rVert_2 = w_i \lVert \nabla_W \mathcal{L}_i \rVert_2,
+        \qquad \bar{G} = \tfrac{1}{T}\textstyle\sum_j G_j,
+
+        \tilde{\mathcal{L}}_i &= \mathcal{L}_i(t) / \mathcal{L}_i(0), \qquad
+        r_i = \tilde{\mathcal{L}}_i \big/ \tfrac{1}{T}\textstyle\sum_j \tilde{\mathcal{L}}_j,
+
+        \mathcal{L}_{\text{grad}} &= \textstyle\sum_i \big\lvert G_i - \operatorname{sg}[\bar{G}\, r_i^{\alpha}] \big\rvert .
+
+    :math:`\operatorname{sg}` stops the gradient: the whole target :math:`\bar{G} r_i^\alpha` is a
+    constant. A task that trains slower (larger :math:`\tilde{\mathcal{L}}_i`, so :math:`r_i > 1`)
+    gets a larger target and so a larger weight. Because :math:`G_i` is linear in :math:`w_i`, the
+    gradient is computed in closed form, without a second-order graph:
+
+    .. math:: \frac{\partial \mathcal{L}_{\text{grad}}}{\partial w_i}
+              = \operatorname{sign}\big(G_i - \bar{G} r_i^{\alpha}\big)\, \lVert \nabla_W \mathcal{L}_i \rVert_2 .
+
+    Each norm costs one ``torch.autograd.grad(L_i, W, retain_graph=True)``, which runs back only
+    from the task's loss to :math:`W`. That gradient is written into the weights' ``.grad`` and
+    the weights' own optimizer takes a step. Then the weights are clamped to ``min_weight`` and
+    renormalised so that :math:`\sum_i w_i = T`. The model's gradient in the same step uses the
+    weights from before this update (:math:`w_i(t)`): the returned total is
+    :math:`\sum_i \operatorname{sg}[w_i(t)]\, \mathcal{L}_i`, so :math:`\nabla \mathcal{L}_{\text{grad}}`
+    reaches only the weights and never the model's parameters.
+
+    Weights are stored in the buffer :attr:`task_weights`, not in an ``nn.Parameter``, so passing
+    ``balancer.parameters()`` to the model's optimizer does not optimise them a second time. The
+    buffer, the initial losses and the weights' optimizer state (Adam moments) are all in
+    ``state_dict()``, so a resumed run continues with the same weights.
+
+    Missing tasks: a step updates only the tasks present in it, and the present tasks are
+    renormalised so that their weight sum is unchanged (the absent tasks keep their weights and
+    their optimizer moments, so :math:`\sum_i w_i = T` still holds). A weight update needs at
+    least two tasks with a known initial loss in the step, so a step with one such task leaves
+    the weights unchanged.
+
+    Distributed runs: the task losses and the norms :math:`\lVert \nabla_W \mathcal{L}_i \rVert`
+    pass through :meth:`~multitune.balancing.Balancer.reduce_task_stats` before they are used, so
+    every rank makes the same update. NOTE: each rank's norm is taken on its own batch, and the
+    mean of per-rank norms is at least the norm of the mean gradient (triangle inequality).
+
+    In ``eval()`` mode, and when no loss requires grad, the weights and the initial losses are
+    not updated.
+
+    Args:
+        task_names: names of the tasks.
+        shared_parameters: the shared parameters :math:`W` at which the gradient norms are taken,
+            one tensor or several, whose gradients count as one vector for the norm. Pass the
+            last shared layer, e.g. ``model.encoder.layer[-1].output.dense.weight``. The
+            balancer keeps references to them and does not register them as its parameters.
+        alpha: strength :math:`\alpha \ge 0` of the restoring force toward equal training rates;
+            default 1.5. ``alpha=0`` asks for equal gradient norms.
+        lr: learning rate of the weights' optimizer; default 0.025.
+        optimizer: ``"adam"`` (default, ``torch.optim.Adam``) or ``"sgd"`` (plain
+            ``torch.optim.SGD``) for the weights.
+        initial_losses: how :math:`\mathcal{L}_i(0)` is set, per task: ``"first"`` (default) uses
+            the task's first loss; an int ``k`` uses the mean of the task's first ``k`` losses, and
+            the task's weight is not updated before then; a mapping gives the value of every task
+            (e.g. :math:`\log C` for a ``C``-class cross-entropy at chance).
+        update_every: update the weights every this many calls (counted by
+            :attr:`~multitune.balancing.Balancer.step`); the other calls cost a plain weighted
+            sum, without gradient norms. Default 1.
+        min_weight: lower bound of a weight after each optimizer step, ``> 0``; default 1e-4.
+        on_nonfinite: see :class:`~multitune.balancing.Balancer`.
+    """
+
+    name = "gradnorm"
+    requires_shared_parameters = True
+
+    task_weights: Tensor
+    initial_losses: Tensor
+    initial_loss_count: Tensor
+
+    def __init__(
+        self,
+        task_names: Sequence[str],
+        shared_parameters: Tensor | Iterable[Tensor],
+        *,
+        alpha: float = 1.5,
+        lr: float = 0.025,
+        optimizer: OptimizerName = "adam",
+        initial_losses: InitialLosses = "first",
+        update_every: int = 1,
+        min_weight: float = 1e-4,
+        on_nonfinite: NonFinitePolicy = "skip",
+    ) -> None:
+        super().__init__(task_names, on_nonfinite=on_nonfinite)
+        self._shared_parameters: tuple[Tensor, ...] = _validate_shared_parameters(shared_parameters)
+        self.alpha = _check_float("alpha", alpha, minimum=0.0, inclusive=True)
+        self.lr = _check_float("lr", lr, minimum=0.0, inclusive=False)
+        self.min_weight = _check_float("min_weight", min_weight, minimum=0.0, inclusive=False)
+        if self.min_weight >= 1.0:
+            raise ValueError(f"GradNorm: min_weight must be < 1 (the mean weight is 1), got {self.min_weight}")
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(f"GradNorm: optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        self.optimizer_name: OptimizerName = optimizer
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"GradNorm: update_every must be an int >= 1, got {update_every!r}")
+        self.update_every = update_every
+
+        self.register_buffer("task_weights", torch.ones(self.num_tasks))
+        self.register_buffer("initial_losses", torch.zeros(self.num_tasks))
+        self.register_buffer("initial_loss_count", torch.zeros(self.num_tasks, dtype=torch.long))
+        self.initial_loss_steps = self._set_initial_losses(initial_losses)
+
+        self._optimizer = self._make_optimizer()
+        self._known: list[bool] | None = None
+        self._last_grad_norms: tuple[Tensor, Tensor] | None = None
+        self._warned_no_update = False
+
+    # Public read-outs --------------------------------------------------------------------------
+
+    @property
+    def shared_parameters(self) -> tuple[Tensor, ...]:
+        """The shared parameters :math:`W` at which the gradient norms are taken."""
+        return self._shared_parameters
+
+    @property
+    def grad_norms(self) -> dict[str, float]:
+        r"""Gradient norms :math:`G_i = w_i(t) \lVert \nabla_W \mathcal{L}_i \rVert` of the last weight update, by task.
+
+        Only the tasks that took part in that update are listed; empty before the first update.
+        The norms are the values after :meth:`~multitune.balancing.Balancer.reduce_task_stats`.
+        """
+        if self._last_grad_norms is None:
+            return {}
+        norms, active = self._last_grad_norms
+        return {name: norm for name, norm, used in zip(self.task_names, norms.tolist(), active.tolist()) if used}
+
+    # Balancer ------------------------------------------------------------------------------------
+
+    def combine(self, losses: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        stacked = torch.stack(list(losses.values()))
+        if len(losses) == self.num_tasks:
+            # Cloned, because the update below changes task_weights in place while autograd
+            # keeps these values for the backward pass of the total.
+            weights = self.task_weights.clone()
+        else:
+            index = torch.tensor([self.task_index[name] for name in losses], device=self.task_weights.device)
+            weights = self.task_weights[index]
+        total = (weights.to(stacked.dtype) * stacked).sum()
+
+        if self.training and any(loss.requires_grad for loss in losses.values()):
+            if not all(self._known_tasks()):
+                self._record_initial_losses(losses)
+            if self.update_every == 1 or int(self.step) % self.update_every == 0:
+                self._update_weights(losses)
+        return total, weights
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"optimizer": self._weight_optimizer().state_dict()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._weight_optimizer().load_state_dict(state["optimizer"])
+        self._known = None
+        self._last_grad_norms = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"tasks={list(self.task_names)}, alpha={self.alpha}, lr={self.lr}, optimizer={self.optimizer_name!r}, "
+            f"update_every={self.update_every}"
+        )
+
+    # Initial losses ------------------------------------------------------------------------------
+
+    def _set_initial_losses(self, initial_losses: InitialLosses) -> int:
+        """Validate ``initial_losses``, fill the buffers for a mapping and return the steps per task."""
+        if isinstance(initial_losses, str):
+            if initial_losses != "first":
+                raise ValueError(f"GradNorm: initial_losses must be 'first', an int >= 1 or a mapping, got {initial_losses!r}")
+            return 1
+
+        if isinstance(initial_losses, Mapping):
+            unknown = [name for name in initial_losses if name not in self.task_index]
+            if unknown:
+                raise ValueError(f"GradNorm: initial_losses given for unknown task(s) {unknown}; known tasks: {list(self.task_names)}")
+            missing = [name for name in self.task_names if name not in initial_losses]
+            if missing:
+                raise ValueError(f"GradNorm: initial_losses has no value for task(s) {missing}; give every task a value > 0")
+            for i, name in enumerate(self.task_names):
+                value = float(initial_losses[name])
+                if not (math.isfinite(value) and value > 0.0):
+                    raise ValueError(f"GradNorm: the initial loss of task {name!r} must be a finite number > 0, got {value}")
+                self.initial_losses[i] = value
+            self.initial_loss_count.fill_(1)
+            return 1
+
+        if isinstance(initial_losses, bool) or not isinstance(initial_losses, int) or initial_losses < 1:
+            raise ValueError(f"GradNorm: initial_losses must be 'first', an int >= 1 or a mapping, got {initial_losses!r}")
+        return initial_losses
+
+    def _known_tasks(self) -> list[bool]:
+        """Return, per task, whether its initial loss is known (a host copy of the count buffer)."""
+        if self._known is None:
+            self._known = (self.initial_loss_count >= self.initial_loss_steps).tolist()
+        return self._known
+
+    def _record_initial_losses(self, losses: dict[str, Tensor]) -> None:
+        means, present = self.reduce_task_stats(losses)
+        take = present & (self.initial_loss_count < self.initial_loss_steps)
+        count = self.initial_loss_count + take.long()
+        running_mean = self.initial_losses + (means[0].to(self.initial_losses.dtype) - self.initial_losses) / count.clamp_min(1)
+        self.initial_losses.copy_(torch.where(take, running_mean, self.initial_losses))
+        self.initial_loss_count.copy_(count)
+        self._known = None
+
+    # Weight update -------------------------------------------------------------------------------
+
+    def _update_weights(self, losses: dict[str, Tensor]) -> None:
+        known = self._known_tasks()
+        candidates = [name for name in losses if known[self.task_index[name]]]
+        distributed = self._reduce_fn is not None
+        if sum(known) < 2 or (not distributed and len(candidates) < 2):
+            self._warn_no_update(len(candidates))
+            return
+        if not candidates:
+            # Every rank takes part in the collective call, also one without tasks to add.
+            self.reduce(torch.zeros((3, self.num_tasks), device=self.task_weights.device))
+            return
+
+        norms = {name: self._gradient_norm(name, losses[name]) for name in candidates}
+        means, present = self.reduce_task_stats({name: losses[name] for name in candidates}, norms)
+        dtype = self.task_weights.dtype
+        loss_ratios = means[0].to(dtype) / self.initial_losses.clamp_min(torch.finfo(dtype).tiny)
+        gradient, weighted_norms = gradnorm_weight_gradient(self.task_weights, means[1].to(dtype), loss_ratios, present, self.alpha)
+        self._step_weights(gradient, present)
+        self._last_grad_norms = (weighted_norms, present)
+
+    def _gradient_norm(self, name: str, loss: Tensor) -> Tensor:
+        hint = (
+            "pass the weight of the last shared layer as shared_parameters "
+            "(e.g. model.encoder.layer[-1].output.dense.weight)"
+        )
+        if not loss.requires_grad:
+            raise ValueError(f"GradNorm: the loss of task {name!r} does not require grad, so it does not reach shared_parameters; {hint}")
+        grads = torch.autograd.grad(loss, self._shared_parameters, retain_graph=True, allow_unused=True)
+        reached = [grad for grad in grads if grad is not None]
+        if not reached:
+            raise ValueError(f"GradNorm: the loss of task {name!r} does not depend on shared_parameters; {hint}")
+        if len(reached) == 1:
+            return torch.linalg.vector_norm(reached[0])
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(grad) for grad in reached]))
+
+    def _step_weights(self, gradient: Tensor, active: Tensor) -> None:
+        """Take one optimizer step on the active weights, then clamp and renormalise them."""
+        optimizer = self._weight_optimizer()
+        weights = self.task_weights
+        before = weights.clone()
+        state = optimizer.state.get(weights, {})
+        state_before = {key: value.clone() for key, value in state.items() if isinstance(value, Tensor) and value.shape == weights.shape}
+
+        weights.grad = gradient
+        optimizer.step()
+        weights.grad = None
+
+        with torch.no_grad():
+            # An absent task keeps its weight and its optimizer moments.
+            weights.copy_(torch.where(active, weights, before))
+            for key, value in state_before.items():
+                state[key].copy_(torch.where(active, state[key], value))
+
+            weights.copy_(torch.where(active, weights.clamp_min(self.min_weight), weights))
+            inactive_sum = torch.where(active, 0.0, weights).sum()
+            active_sum = torch.where(active, weights, 0.0).sum()
+            scale = (self.num_tasks - inactive_sum) / active_sum
+            weights.copy_(torch.where(active, weights * scale, weights))
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam([self.task_weights], lr=self.lr)
+        return torch.optim.SGD([self.task_weights], lr=self.lr)
+
+    def _weight_optimizer(self) -> torch.optim.Optimizer:
+        """Return the weights' optimizer, rebuilt with its state after ``.to()`` replaced the buffer."""
+        if self._optimizer.param_groups[0]["params"][0] is not self.task_weights:
+            state = self._optimizer.state_dict()
+            self._optimizer = self._make_optimizer()
+            self._optimizer.load_state_dict(state)
+        return self._optimizer
+
+    def _warn_no_update(self, num_candidates: int) -> None:
+        if self._warned_no_update or (self.initial_loss_steps > 1 and not all(self._known_tasks())):
+            return
+        self._warned_no_update = True
+        logger.warning(
+            "GradNorm: a step had %d task(s) with a known initial loss; the weights are updated only in "
+            "steps with two or more such tasks (this message is logged once)",
+            num_candidates,
+        )
+
+
+def gradnorm_weight_gradient(
+    weights: Tensor,
+    norms: Tensor,
+    loss_ratios: Tensor,
+    active: Tensor,
+    alpha: float,
+) -> tuple[Tensor, Tensor]:
+    r"""Return the gradient of GradNorm's :math:`\mathcal{L}_{\text{grad}}` with respect to the weights.
+
+    All arguments are vectors over the tasks: ``weights`` :math:`w_i`, ``norms``
+    :math:`\lVert \nabla_W \mathcal{L}_i \rVert`, ``loss_ratios``
+    :math:`\tilde{\mathcal{L}}_i = \mathcal{L}_i(t)/\mathcal{L}_i(0)` and the bool mask ``active``
+    of the tasks that take part (means run over these). With :math:`G_i = w_i \lVert \nabla_W
+    \mathcal{L}_i \rVert` and the target :math:`\bar{G} r_i^{\alpha}` held constant, the gradient
+    is :math:`\operatorname{sign}(G_i - \bar{G} r_i^{\alpha}) \lVert \nabla_W \mathcal{L}_i \rVert`
+    for an active task and 0 otherwise.
+
+    Returns:
+        ``(gradient, weighted_norms)``, both of the shape of ``weights``; ``weighted_norms`` is
+        :math:`G_i`.
+    """
+    mask = active.to(weights.dtype)
+    count = mask.sum().clamp_min(1.0)
+    weighted_norms = weights.detach() * norms
+    mean_norm = (weighted_norms * mask).sum() / count
+
+    mean_ratio = (loss_ratios * mask).sum() / count
+    relative_rates = loss_ratios / mean_ratio.clamp_min(torch.finfo(weights.dtype).tiny)
+    targets = mean_norm * relative_rates.pow(alpha)
+
+    gradient = torch.where(active, torch.sign(weighted_norms - targets) * norms, 0.0)
+    return gradient, weighted_norms
+
+
+def _validate_shared_parameters(shared_parameters: Tensor | Iterable[Tensor]) -> tuple[Tensor, ...]:
+    if isinstance(shared_parameters, Tensor):
+        parameters: tuple[Tensor, ...] = (shared_parameters,)
+    else:
+        parameters = tuple(shared_parameters)
+    if not parameters:
+        raise ValueError("GradNorm: shared_parameters is empty; pass the weight of the last shared layer")
+    for i, parameter in enumerate(parameters):
+        if not isinstance(parameter, Tensor):
+            raise TypeError(f"GradNorm: shared_parameters[{i}] must be a tensor, got {type(parameter).__name__}")
+        if not parameter.requires_grad:
+            raise ValueError(
+                f"GradNorm: shared_parameters[{i}] (shape {tuple(parameter.shape)}) does not require grad; "
+                "pass a trainable parameter of the last shared layer"
+            )
+    return parameters
+
+
+def _check_float(name: str, value: float, *, minimum: float, inclusive: bool) -> float:
+    value = float(value)
+    bound_ok = value >= minimum if inclusive else value > minimum
+    if not (math.isfinite(value) and bound_ok):
+        relation = ">=" if inclusive else ">"
+        raise ValueError(f"GradNorm: {name} must be a finite number {relation} {minimum}, got {value}")
+    return value
