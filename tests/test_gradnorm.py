@@ -557,3 +557,38 @@ def test_registry_build():
     assert isinstance(balancer, GradNorm)
     assert len(balancer.shared_parameters) == 2
     assert balancer.alpha == 0.12
+
+
+def test_per_task_backward_matches_autograd_norms() -> None:
+    """Norms over all shared parameters from T backward passes equal those from autograd.grad, and .grad is Σ w_i ∇L_i."""
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
+    heads = torch.nn.ModuleDict({name: torch.nn.Linear(8, 1) for name in ("a", "b", "c")})
+    shared = list(encoder.parameters())
+    inputs = torch.randn(16, 6)
+    targets = {name: scale * torch.randn(16, 1) for name, scale in (("a", 1.0), ("b", 10.0), ("c", 0.1))}
+
+    def task_losses() -> dict[str, torch.Tensor]:
+        features = encoder(inputs)
+        return {name: torch.nn.functional.mse_loss(head(features), targets[name]) for name, head in heads.items()}
+
+    reference = GradNorm(["a", "b", "c"], shared, alpha=1.5)
+    per_task = GradNorm(["a", "b", "c"], shared, alpha=1.5, per_task_backward=True)
+    for step in range(4):
+        encoder.zero_grad()
+        heads.zero_grad()
+        reference.backward(task_losses())
+        expected_grads = [p.grad.clone() for p in [*shared, *heads.parameters()]]
+        expected_norms = reference.grad_norms
+
+        encoder.zero_grad()
+        heads.zero_grad()
+        total = per_task.backward(task_losses())
+        assert total.requires_grad is False
+        for expected, parameter in zip(expected_grads, [*shared, *heads.parameters()]):
+            torch.testing.assert_close(parameter.grad, expected, rtol=1e-5, atol=1e-7)
+        for name, norm in expected_norms.items():
+            assert per_task.grad_norms[name] == pytest.approx(norm, rel=1e-5)
+        torch.testing.assert_close(per_task.task_weights, reference.task_weights, rtol=1e-5, atol=1e-7)
+        if step > 0:
+            assert per_task.grad_norms

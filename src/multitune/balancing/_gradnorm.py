@@ -93,6 +93,14 @@ class GradNorm(Balancer):
             :attr:`~multitune.balancing.Balancer.step`); the other calls cost a plain weighted
             sum, without gradient norms. Default 1.
         min_weight: lower bound of a weight after each optimizer step, ``> 0``; default 1e-4.
+        per_task_backward: ``False`` (default): :meth:`backward` takes each norm with
+            ``autograd.grad`` at ``shared_parameters`` and then back-propagates the total once.
+            ``True``: :meth:`backward` runs one backward pass per task through the whole model
+            and takes each task's norm from that pass's gradient (the square root of the Gramian
+            diagonal, :func:`multitune.gradients.task_gradient_norms`), while the same passes
+            accumulate the gradient of the total into ``.grad``. Use it with ``shared_parameters``
+            set to *all* shared parameters, for norms over the whole shared network at the cost
+            of :math:`T` backward passes and no more.
         on_nonfinite: see :class:`~multitune.balancing.Balancer`.
     """
 
@@ -114,6 +122,7 @@ class GradNorm(Balancer):
         initial_losses: InitialLosses = "first",
         update_every: int = 1,
         min_weight: float = 1e-4,
+        per_task_backward: bool = False,
         on_nonfinite: NonFinitePolicy = "skip",
     ) -> None:
         super().__init__(task_names, on_nonfinite=on_nonfinite)
@@ -129,6 +138,8 @@ class GradNorm(Balancer):
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"GradNorm: update_every must be an int >= 1, got {update_every!r}")
         self.update_every = update_every
+        self.per_task_backward = bool(per_task_backward)
+        self._precomputed_norms: dict[str, Tensor] | None = None
 
         self.register_buffer("task_weights", torch.ones(self.num_tasks))
         self.register_buffer("initial_losses", torch.zeros(self.num_tasks))
@@ -172,12 +183,39 @@ class GradNorm(Balancer):
             weights = self.task_weights[index]
         total = (weights.to(stacked.dtype) * stacked).sum()
 
-        if self.training and any(loss.requires_grad for loss in losses.values()):
+        if self.training and (self._precomputed_norms is not None or any(loss.requires_grad for loss in losses.values())):
             if not all(self._known_tasks()):
                 self._record_initial_losses(losses)
             if self.update_every == 1 or int(self.step) % self.update_every == 0:
                 self._update_weights(losses)
         return total, weights
+
+    def backward(self, losses: Mapping[str, Tensor], **kwargs: Any) -> Tensor:
+        r"""Back-propagate the weighted total and update the weights; return the total, detached.
+
+        With ``per_task_backward=False`` this is ``self(losses).backward()``. With ``True`` the
+        :math:`T` per-task backward passes give both the norms and the model's gradient of
+        :math:`\sum_i w_i(t) \mathcal{L}_i`, so no further backward pass runs.
+        """
+        if not self.per_task_backward or not self.training:
+            return super().backward(losses, **kwargs)
+
+        finite = self._finite_losses(losses)
+        if not finite or not all(loss.requires_grad for loss in finite.values()):
+            return super().backward(losses, **kwargs)
+
+        from multitune.gradients import task_gradient_norms
+
+        index = [self.task_index[name] for name in finite]
+        weights = self.task_weights[index].detach().clone()
+        norms = task_gradient_norms(list(finite.values()), self._shared_parameters, weights=weights)
+        self._precomputed_norms = {name: norm.to(weights.dtype) for name, norm in zip(finite, norms)}
+        detached = {name: loss.detach() for name, loss in finite.items()}
+        try:
+            total = self(detached)
+        finally:
+            self._precomputed_norms = None
+        return total.detach()
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"optimizer": self._weight_optimizer().state_dict()}
@@ -250,7 +288,10 @@ class GradNorm(Balancer):
             self.reduce(torch.zeros((3, self.num_tasks), device=self.task_weights.device))
             return
 
-        norms = {name: self._gradient_norm(name, losses[name]) for name in candidates}
+        if self._precomputed_norms is not None:
+            norms = {name: self._precomputed_norms[name] for name in candidates}
+        else:
+            norms = {name: self._gradient_norm(name, losses[name]) for name in candidates}
         means, present = self.reduce_task_stats({name: losses[name] for name in candidates}, norms)
         dtype = self.task_weights.dtype
         loss_ratios = means[0].to(dtype) / self.initial_losses.clamp_min(torch.finfo(dtype).tiny)

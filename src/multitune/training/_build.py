@@ -94,8 +94,8 @@ def build_run_balancer(config: Config, model: MultiTaskModel, tasks: Mapping[str
     """Build the balancer of ``config`` for ``model``.
 
     Shared parameters: GradNorm and gradient-based balancers with ``gradients="last_shared_layer"``
-    get the model's last shared layer; the other gradient-based ones get every trainable backbone
-    parameter. Gradient-based balancers also get each head's parameters as ``task_parameters``.
+    get the model's last shared layer; GradNorm with ``per_task_backward: true`` and the other
+    gradient-based ones get every trainable backbone parameter. Gradient-based balancers also get each head's parameters as ``task_parameters``.
     Hyper-parameters the config leaves unset are filled from the run where the balancer takes
     them: ``seed`` (the run's seed) and ``task_types`` (the task kinds, for uncertainty weighting).
     """
@@ -111,7 +111,11 @@ def build_run_balancer(config: Config, model: MultiTaskModel, tasks: Mapping[str
 
     shared: list[nn.Parameter] | None = None
     if cls.requires_shared_parameters:
-        uses_last_layer = not issubclass(cls, GradientBalancer) or hyperparameters.get("gradients") == "last_shared_layer"
+        if issubclass(cls, GradientBalancer):
+            uses_last_layer = hyperparameters.get("gradients") == "last_shared_layer"
+        else:
+            # GradNorm with per_task_backward takes its norms over every shared parameter.
+            uses_last_layer = not hyperparameters.get("per_task_backward", False)
         shared = model.last_shared_parameters() if uses_last_layer else model.shared_parameters()
         if issubclass(cls, GradientBalancer) and "task_parameters" not in hyperparameters:
             hyperparameters["task_parameters"] = {task_name: model.task_parameters(task_name) for task_name in tasks}
