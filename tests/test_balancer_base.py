@@ -154,7 +154,7 @@ def test_all_nonfinite_step():
 def test_empty_mapping_is_a_zero_step():
     balancer = RecordingBalancer(NAMES)
     total = balancer({})
-    assert float(total) == 0.0
+    assert total.item() == 0.0
     assert balancer.calls == []
     assert int(balancer.step) == 1
 

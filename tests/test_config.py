@@ -245,3 +245,13 @@ def test_metric_for_best_model_unknown_metric(tmp_path: Path) -> None:
     data = _minimal(tmp_path)
     data["training"]["metric_for_best_model"] = "left/acc"
     assert "training.metric_for_best_model: unknown metric 'acc'" in _error(tmp_path, data)
+
+
+def test_several_problems_on_one_line(tmp_path: Path) -> None:
+    data = _minimal(tmp_path)
+    data["training"]["learning_rate"] = "fast"
+    data["training"]["logging_steps"] = 0
+    message = _error(tmp_path, data)
+    assert "\n" not in message
+    assert message.startswith("config.yaml: training.learning_rate: Input should be a valid number")
+    assert "; training.logging_steps: Input should be greater than or equal to 1, got 0" in message

@@ -6,15 +6,19 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
 from multitune.config import load_config, resolve_model_path
+from multitune.data import eval_batches
 from multitune.demo import config_text
 from multitune.demo.datasets import DEMO_TASKS, build_demo_data
+from multitune.metrics import compute_metrics
 from multitune.training import Trainer, read_metrics
+from multitune.training._evaluation import evaluate_task, length_sorted_batches, metric_labels, prepare_batch
 from multitune.training._run import load_run, predict_rows
 
 TRAIN_ROWS = 48
@@ -99,6 +103,26 @@ def test_two_steps_on_minilm(small_demo: Path) -> None:
     assert json.loads((run_dir / "results.json").read_text())["balancer"] == "gradnorm"
 
     _check_predictions(run_dir, small_demo / "names.csv")
+    _check_sorted_evaluation(trainer)
+
+
+def _check_sorted_evaluation(trainer: Trainer) -> None:
+    """Evaluation in length-sorted batches gives the metrics of the rows in file order."""
+    for name, task in trainer.tasks.items():
+        lengths = [int(batch["attention_mask"].sum(dim=1).max()) for batch in length_sorted_batches(task, 4)]
+        assert lengths == sorted(lengths), name
+
+        predictions, labels = [], []
+        for batch in eval_batches(task, 5):
+            prepared = prepare_batch(task, batch, torch.device("cpu"))
+            with torch.no_grad():
+                predictions.append(trainer.model.predict(name, trainer.model(prepared, name)).numpy())
+            labels.append(metric_labels(task, prepared))
+        expected = compute_metrics(task.kind, np.concatenate(predictions), np.concatenate(labels), label_names=task.label_names)
+        actual = evaluate_task(trainer.model, task, batch_size=4, device=torch.device("cpu")).metrics
+        assert actual.keys() == expected.keys(), name
+        for metric, value in expected.items():
+            assert actual[metric] == pytest.approx(value, rel=1e-5, nan_ok=True), (name, metric)
 
 
 def _check_predictions(run_dir: Path, source: Path) -> None:

@@ -468,22 +468,24 @@ def _set_child(node: Any, part: str, value: Any, text: str) -> None:
 
 
 def format_validation_error(error: ValidationError, source: str) -> str:
-    """Turn a pydantic error into lines ``source: key.path: message, got value``."""
-    lines = []
+    """Turn a pydantic error into one line ``source: key.path: message, got value``.
+
+    Several problems are joined with ``"; "`` after one ``source:`` prefix.
+    """
+    problems = []
     for item in error.errors(include_url=False):
         location = ".".join(str(part) for part in item["loc"] if not _is_internal_loc(part))
         message = item["msg"]
         if message.startswith("Value error, "):
             message = message[len("Value error, ") :]
         if item["type"] == "extra_forbidden":
-            message = "unknown key" + _valid_keys_hint(item["loc"])
-            lines.append(f"{source}: {location}: {message}")
+            problems.append(f"{location}: unknown key" + _valid_keys_hint(item["loc"]))
             continue
-        text = f"{source}: {location}: {message}" if location else f"{source}: {message}"
+        text = f"{location}: {message}" if location else message
         if item["type"] not in ("value_error", "missing") and "input" in item:
             text += f", got {_short_repr(item['input'])}"
-        lines.append(text)
-    return "\n".join(lines)
+        problems.append(text)
+    return f"{source}: " + "; ".join(problems)
 
 
 def _is_internal_loc(part: Any) -> bool:

@@ -1,6 +1,6 @@
 """Crash-safe checkpoints: a run folder contains ``checkpoint-<step>`` folders that are always complete.
 
-A checkpoint is first written as ``checkpoint-<step>.tmp``; each file in it is written under a
+A checkpoint is first written as ``checkpoint-<step>.tmp``. Each file in it is written under a
 temporary name, flushed, fsync'ed and renamed with :func:`os.replace`, and the folder is renamed
 to ``checkpoint-<step>`` only once every file is in place. A crash at any point therefore leaves
 the previous checkpoints untouched and at most one ``.tmp`` folder, which :func:`latest_checkpoint`

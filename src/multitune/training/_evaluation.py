@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from multitune.data import IGNORE_INDEX, TaskData, eval_batches
+from multitune.data import IGNORE_INDEX, TaskBatch, TaskData, eval_batches
 from multitune.metrics import baseline_metrics, compute_metrics, delta_m, metric_higher_is_better, primary_metric
 from multitune.models import MultiTaskModel
 
@@ -24,7 +24,7 @@ def prepare_batch(task: TaskData, batch: Mapping[str, Tensor], device: torch.dev
     """Return ``batch`` on ``device`` in the layout the model's heads expect.
 
     The data layer standardises regression targets and marks a missing target with
-    ``target_mask = False`` and a 0 label; the regression head standardises targets itself (it
+    ``target_mask = False`` and a 0 label. The regression head standardises targets itself (it
     stores the same mean and standard deviation) and skips NaN targets. Regression labels are
     therefore returned in data units, with NaN for missing targets.
     """
@@ -87,6 +87,23 @@ def train_labels(task: TaskData) -> Any:
     return np.concatenate(labels)
 
 
+def length_sorted_batches(task: TaskData, batch_size: int, *, split: str = "eval") -> Iterator[TaskBatch]:
+    """Yield the batches of a split with its examples sorted by token count, so each batch pads little.
+
+    Metrics do not depend on the order of the examples, and a batch of similar lengths costs
+    less than one padded to an outlier. Numeric-feature tasks keep the row order.
+    """
+    dataset = task.split(split)
+    if "input_ids" not in dataset.column_names:
+        yield from eval_batches(task, batch_size, split=split)
+        return
+    lengths = np.array([len(ids) for ids in dataset["input_ids"]])
+    order = torch.from_numpy(np.argsort(lengths, kind="stable"))
+    tensors = task.tensors(split)
+    for start in range(0, len(order), batch_size):
+        yield tensors.batch(order[start : start + batch_size])
+
+
 @dataclass
 class TaskEvaluation:
     """Evaluation of one task: metrics in data units, mean eval loss and the primary metric."""
@@ -124,7 +141,7 @@ def evaluate_task(
     predictions: list[Any] = []
     labels: list[Any] = []
     loss_sum, count = 0.0, 0
-    for batch in eval_batches(task, batch_size, split=split):
+    for batch in length_sorted_batches(task, batch_size, split=split):
         prepared = prepare_batch(task, batch, device)
         with autocast if autocast is not None else contextlib.nullcontext():
             outputs = model(prepared, task.name)

@@ -92,7 +92,7 @@ class MetricsLogger:
     def _truncate_after(self, step: int) -> None:
         rows = [row for row in read_metrics(self.run_dir) if int(row.get("step", 0)) <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows), encoding="utf-8")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
         os.replace(tmp, self.path)
 
     def _open_tensorboard(self) -> Any:
@@ -108,7 +108,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         clean = _json_value(dict(row))
-        self._handle.write(json.dumps(clean, sort_keys=True) + "\n")
+        self._handle.write(json.dumps(clean) + "\n")
         self._handle.flush()
 
         if self._writer is not None:

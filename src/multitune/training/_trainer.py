@@ -106,10 +106,10 @@ class Trainer:
        micro-batches);
     2. runs the backbone once per task batch, then the task's head and loss. A task that appears
        in ``k`` micro-batches contributes the mean of its ``k`` losses;
-    3. hands the per-task losses to the balancer: loss-weighting methods return a total that is
-       back-propagated once; gradient-based methods (:class:`~multitune.balancing.GradientBalancer`)
-       receive each micro-batch's losses through ``accumulate`` and write the combined gradient
-       themselves in ``step_gradients``;
+    3. hands the per-task losses to the balancer. A loss-weighting method returns a total that is
+       back-propagated once. A gradient-based method (:class:`~multitune.balancing.GradientBalancer`)
+       receives each micro-batch's losses through ``accumulate`` and writes the combined gradient
+       itself in ``step_gradients``;
     4. clips the gradient norm to ``max_grad_norm``, steps AdamW and the learning-rate schedule.
 
     NOTE: loss-weighting balancers see all micro-batches of a step at once, so the autograd graphs
