@@ -255,3 +255,17 @@ def test_several_problems_on_one_line(tmp_path: Path) -> None:
     assert "\n" not in message
     assert message.startswith("config.yaml: training.learning_rate: Input should be a valid number")
     assert "; training.logging_steps: Input should be greater than or equal to 1, got 0" in message
+
+
+def test_duplicate_yaml_key_rejected(tmp_path: Path) -> None:
+    text = _write(tmp_path, _minimal(tmp_path)).read_text(encoding="utf-8")
+    left_block = text[text.index("  left:") : text.index("training:")]
+    path = tmp_path / "duplicate.yaml"
+    path.write_text(text.replace(left_block, left_block + left_block), encoding="utf-8")
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    message = str(caught.value)
+    assert "key 'left' is defined twice" in message
+    assert message.startswith(f"{path}: invalid YAML (line ")
