@@ -48,8 +48,14 @@ class GradNorm(Balancer):
               = \operatorname{sign}\big(G_i - \bar{G} r_i^{\alpha}\big)\, \lVert \nabla_W \mathcal{L}_i \rVert_2 .
 
     Each norm costs one ``torch.autograd.grad(L_i, W, retain_graph=True)``, which runs back only
-    from the task's loss to :math:`W`. That gradient is written into the weights' ``.grad`` and
-    the weights' own optimizer takes a step. Then the weights are clamped to ``min_weight`` and
+    from the task's loss to :math:`W`. NOTE: those :math:`T` passes each end in the weight
+    gradient product of :math:`W`'s layer. With three tasks on a MiniLM-shaped encoder (batch
+    16 x 64, :math:`W` the 384 x 1536 output projection of the last layer) that measured 5.4% of
+    a training step on 2 CPU cores (``benchmarks/step_overhead.py``). ``update_every=4`` measured
+    1.6%, and :math:`W` = the encoder's final LayerNorm weight 0.8%.
+
+    The closed-form gradient is written into the weights' ``.grad`` and the weights' own
+    optimizer takes a step. Then the weights are clamped to ``min_weight`` and
     renormalised so that :math:`\sum_i w_i = T`. The model's gradient in the same step uses the
     weights from before this update (:math:`w_i(t)`): the returned total is
     :math:`\sum_i \operatorname{sg}[w_i(t)]\, \mathcal{L}_i`, so :math:`\nabla \mathcal{L}_{\text{grad}}`

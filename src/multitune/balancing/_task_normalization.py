@@ -89,7 +89,7 @@ class TaskNormalization(Balancer):
         every_task = len(losses) == self.num_tasks
         if self.training and every_task and self._reduce_fn is None and self._all_initialized():
             # Fast path of the common step: every task present, one process, every EMA started.
-            self.ema.lerp_(stacked.detach().to(self.ema.dtype), 1.0 - self.beta)
+            self.ema.mul_(self.beta).add_(stacked.detach().to(self.ema.dtype), alpha=1.0 - self.beta)
             divisor = self.ema.to(stacked.dtype).clamp_min(self.eps)
         else:
             if self.training:
@@ -116,7 +116,7 @@ class TaskNormalization(Balancer):
     def _update_ema(self, losses: dict[str, Tensor]) -> None:
         means, present = self.reduce_task_stats(losses)
         current = means[0].to(self.ema.dtype)
-        updated = torch.where(self.initialized, torch.lerp(self.ema, current, 1.0 - self.beta), current)
+        updated = torch.where(self.initialized, self.beta * self.ema + (1.0 - self.beta) * current, current)
         self.ema.copy_(torch.where(present, updated, self.ema))
         self.initialized.logical_or_(present)
 
