@@ -294,7 +294,7 @@ def _finite_flags(losses: list[Tensor]) -> list[bool]:
 
 
 def _zero_total(losses: Mapping[str, Tensor]) -> Tensor:
-    """A zero total for a step in which no loss was finite; its backward changes nothing."""
+    """Return a zero total for a step in which no loss was finite, so its backward changes nothing."""
     device = None
     for loss in losses.values():
         if isinstance(loss, Tensor):

@@ -57,7 +57,7 @@ class FAMO(Balancer):
       consecutive calls to take part in an update.
 
       NOTE: when every batch contains a single task (task-sampled mixing), no two consecutive calls
-      share a task, so the logits never change in this mode; use ``"same_batch"`` there.
+      share a task, so the logits never change in this mode. Use ``"same_batch"`` there.
     * ``update="same_batch"`` (the paper's algorithm): after ``optimizer.step()`` the training
       loop recomputes the losses on the same batch (a second forward pass, under
       :func:`torch.no_grad`) and passes them to :meth:`update`.

@@ -29,7 +29,7 @@ class MultiTaskLoader:
     Each step of a mixed run is a ``dict[task, batch]``. Each step of a homogeneous run
     (``mixing.step_shape="homogeneous"``) is a list of micro-batches, each a one-entry
     ``{task: batch}``. A training loop runs forward and backward once per micro-batch and steps
-    the optimizer once per list. The same task may appear in several micro-batches of a step. Which tasks and examples each step holds is decided by a
+    the optimizer once per list. The same task may appear in several micro-batches of a step. Which tasks and examples each step contains is decided by a
     :class:`MultiTaskSampler`; see its documentation for the strategies, the stopping rules,
     resuming and distributed sharding.
 

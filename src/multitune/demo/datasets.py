@@ -84,7 +84,7 @@ TaskKind = Literal["classification", "multilabel", "regression", "token_classifi
 
 @dataclass(frozen=True)
 class DemoTask:
-    """How a trainer reads one demo task from its dataset's JSON Lines files.
+    """Description of one demo task: its dataset's JSON Lines files, kind and fields.
 
     Attributes:
         dataset: folder under the output directory that contains ``train.jsonl`` and ``eval.jsonl``.

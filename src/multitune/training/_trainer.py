@@ -112,8 +112,8 @@ class Trainer:
        itself in ``step_gradients``;
     4. clips the gradient norm to ``max_grad_norm``, steps AdamW and the learning-rate schedule.
 
-    NOTE: loss-weighting balancers see all micro-batches of a step at once, so the autograd graphs
-    of all micro-batches are kept until the single backward pass; gradient accumulation therefore
+    NOTE: loss-weighting balancers see all micro-batches of a step at once. The autograd graphs of
+    all micro-batches are therefore kept until the single backward pass, so gradient accumulation
     does not lower peak memory for them.
 
     Every ``eval_steps`` (and at the end) each task's eval split is scored; every ``save_steps``
