@@ -6,7 +6,7 @@ One step is: ``.grad`` set to None, the forward pass, the task losses and the ba
 - ``plain``: ``sum(losses.values()).backward()``.
 - every name in ``multitune.balancing.available_balancers()``: ``balancer(losses).backward()``,
   or ``balancer.backward(losses, features=features)`` for a balancer class that overrides
-  :meth:`~multitune.balancing.Balancer.backward` (gradient-based methods). GradNorm gets the
+  :meth:`~multitune.balancing.Balancer.backward` (GradNorm and the gradient-based methods). GradNorm gets the
   weight of the last shared layer as ``shared_parameters``; other methods that need shared
   parameters get all the shared (non-head) parameters.
 - two more GradNorm variants: ``update_every=4``, and (BERT only) the weight of the LayerNorm

@@ -592,3 +592,108 @@ def test_per_task_backward_matches_autograd_norms() -> None:
         torch.testing.assert_close(per_task.task_weights, reference.task_weights, rtol=1e-5, atol=1e-7)
         if step > 0:
             assert per_task.grad_norms
+
+
+class OddShapeNet(nn.Module):
+    """A shared layer W of shape 5 x 7 on a batch of 11, so that W's weight-gradient product
+    (a [5, 11] @ [11, 7] matrix product) has a shape no other product of the step has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(4, 7)
+        self.shared = nn.Linear(7, 5)
+        self.heads = nn.ModuleList(nn.Linear(5, 1) for _ in NAMES)
+        self.x = torch.randn(11, 4)
+
+    def losses(self, step: int = 0) -> dict[str, Tensor]:
+        features = torch.tanh(self.shared(torch.tanh(self.first(self.x + step))))
+        return {name: head(features).pow(2).mean() for name, head in zip(NAMES, self.heads)}
+
+
+def weight_gradient_products(balancer: GradNorm, model: OddShapeNet, steps: int = 1) -> int:
+    """Count the matrix products of W's weight gradient in ``steps`` calls of balancer.backward()."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
+        for step in range(steps):
+            balancer.backward(model.losses(step))
+    return sum(1 for event in profiler.events() if event.name == "aten::mm" and event.input_shapes == [[5, 11], [11, 7]])
+
+
+def all_gradients(model: nn.Module) -> list[Tensor | None]:
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("reuse", [True, None])
+def test_reused_gradient_equals_plain_backward(reuse: bool | None) -> None:
+    """The gradient summed at W from the task gradients equals the one of the total's backward pass."""
+    reusing_model, plain_model = SmallNet(), SmallNet()
+    reusing = GradNorm(NAMES, reusing_model.shared.weight, alpha=1.5, lr=0.1, reuse_gradients=reuse)
+    plain = GradNorm(NAMES, plain_model.shared.weight, alpha=1.5, lr=0.1, reuse_gradients=False)
+
+    for step in range(6):
+        # Step 3 keeps the gradients of step 2 (gradient accumulation); step 4 lacks task "b".
+        names = ("a", "c") if step == 4 else NAMES
+        if step != 3:
+            reusing_model.zero_grad(set_to_none=True)
+            plain_model.zero_grad(set_to_none=True)
+        batch = make_batch(step)
+        reusing_losses = {name: loss for name, loss in task_losses(reusing_model, batch).items() if name in names}
+        plain_losses = {name: loss for name, loss in task_losses(plain_model, batch).items() if name in names}
+
+        reusing_total = reusing.backward(reusing_losses)
+        plain_total = plain.backward(plain_losses)
+
+        assert reusing_total.item() == pytest.approx(plain_total.item(), rel=1e-12)
+        for got, expected in zip(all_gradients(reusing_model), all_gradients(plain_model)):
+            assert (got is None) == (expected is None)
+            if got is not None:
+                torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(reusing.task_weights, plain.task_weights, rtol=1e-12, atol=0.0)
+
+
+def test_reuse_skips_one_product_at_w() -> None:
+    """An update step computes W's weight gradient T times (one per task) instead of T + 1."""
+    counts = {}
+    for reuse in (None, False):
+        model = OddShapeNet()
+        counts[reuse] = weight_gradient_products(GradNorm(NAMES, model.shared.weight, reuse_gradients=reuse), model)
+        assert model.shared.weight.grad is not None
+    assert counts == {None: len(NAMES), False: len(NAMES) + 1}
+
+
+def test_reuse_with_two_shared_tensors() -> None:
+    """W made of two tensors, one reached by a single task only, gets the total's gradient."""
+    reusing_model, plain_model = SmallNet(), SmallNet()
+    reusing = GradNorm(NAMES, [reusing_model.shared.weight, reusing_model.heads[0].weight], reuse_gradients=True)
+    plain = GradNorm(NAMES, [plain_model.shared.weight, plain_model.heads[0].weight], reuse_gradients=False)
+    for step in range(3):
+        reusing_model.zero_grad(set_to_none=True)
+        plain_model.zero_grad(set_to_none=True)
+        reusing.backward(task_losses(reusing_model, make_batch(step)))
+        plain.backward(task_losses(plain_model, make_batch(step)))
+        for got, expected in zip(all_gradients(reusing_model), all_gradients(plain_model)):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_step_without_update_backpropagates_to_w() -> None:
+    """Steps that take no norms (update_every, initial losses still being averaged) run the plain backward pass."""
+    # update_every=2: step 0 updates (T products, one of them reused) and step 1 does not (1 product).
+    # initial_losses=3: neither step updates (1 product each).
+    for options, expected in (({"update_every": 2}, len(NAMES) + 1), ({"initial_losses": 3}, 2)):
+        model = OddShapeNet()
+        balancer = GradNorm(NAMES, model.shared.weight, **options)
+        assert weight_gradient_products(balancer, model, steps=2) == expected, options
+
+
+def test_reuse_off_with_two_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With torch.distributed running two processes, reuse_gradients=None back-propagates to W again."""
+    monkeypatch.setattr("multitune.balancing._gradnorm.get_world_size", lambda: 2)
+    model = OddShapeNet()
+    assert weight_gradient_products(GradNorm(NAMES, model.shared.weight), model) == len(NAMES) + 1
+
+
+def test_reuse_gradients_rejects_non_bool() -> None:
+    with pytest.raises(ValueError, match="reuse_gradients must be None, True or False, got 'yes'"):
+        GradNorm(NAMES, SmallNet().shared.weight, reuse_gradients="yes")  # type: ignore[arg-type]

@@ -10,6 +10,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from multitune.distributed import get_world_size
+
 from ._base import Balancer, NonFinitePolicy
 from ._registry import register_balancer
 
@@ -48,11 +50,13 @@ class GradNorm(Balancer):
               = \operatorname{sign}\big(G_i - \bar{G} r_i^{\alpha}\big)\, \lVert \nabla_W \mathcal{L}_i \rVert_2 .
 
     Each norm costs one ``torch.autograd.grad(L_i, W, retain_graph=True)``, which runs back only
-    from the task's loss to :math:`W`. NOTE: those :math:`T` passes each end in the weight
-    gradient product of :math:`W`'s layer. With three tasks on a MiniLM-shaped encoder (batch
-    16 x 64, :math:`W` the 384 x 1536 output projection of the last layer) that measured 5.4% of
-    a training step on 2 CPU cores (``benchmarks/step_overhead.py``). ``update_every=4`` measured
-    1.6%, and :math:`W` = the encoder's final LayerNorm weight 0.8%.
+    from the task's loss to :math:`W`. Those :math:`T` passes each end in the weight-gradient
+    product of :math:`W`'s layer, the main cost of the method. :meth:`backward` reuses them: the
+    model's gradient at :math:`W` is :math:`\sum_i w_i(t) \nabla_W \mathcal{L}_i`, which is
+    summed from the per-task gradients while the total is back-propagated to every other
+    parameter only, so a weight-update step computes :math:`T` weight-gradient products at
+    :math:`W` instead of :math:`T + 1` (see ``reuse_gradients``). The measured cost of a step is
+    on the benchmark page (``benchmarks/step_overhead.py``).
 
     The closed-form gradient is written into the weights' ``.grad`` and the weights' own
     optimizer takes a step. Then the weights are clamped to ``min_weight`` and
@@ -107,6 +111,15 @@ class GradNorm(Balancer):
             accumulate the gradient of the total into ``.grad``. Use it with ``shared_parameters``
             set to *all* shared parameters, for norms over the whole shared network at the cost
             of :math:`T` backward passes and no more.
+        reuse_gradients: whether :meth:`backward` builds the model's gradient at ``shared_parameters``
+            from the per-task gradients of a weight-update step, instead of computing it again in
+            the backward pass of the total. ``None`` (default): yes, unless ``torch.distributed`` is
+            initialised with more than one process. ``True``: always; ``False``: never. NOTE:
+            the reused gradient is written into ``.grad`` directly, so hooks on the gradient
+            accumulation of ``shared_parameters`` do not run for it. ``DistributedDataParallel``
+            all-reduces from such hooks, so a model wrapped in it needs ``None`` or ``False``.
+            Calling the balancer and ``.backward()`` on the total, instead of :meth:`backward`,
+            never reuses.
         on_nonfinite: see :class:`~multitune.balancing.Balancer`.
     """
 
@@ -129,6 +142,7 @@ class GradNorm(Balancer):
         update_every: int = 1,
         min_weight: float = 1e-4,
         per_task_backward: bool = False,
+        reuse_gradients: bool | None = None,
         on_nonfinite: NonFinitePolicy = "skip",
     ) -> None:
         super().__init__(task_names, on_nonfinite=on_nonfinite)
@@ -146,6 +160,11 @@ class GradNorm(Balancer):
         self.update_every = update_every
         self.per_task_backward = bool(per_task_backward)
         self._precomputed_norms: dict[str, Tensor] | None = None
+        if reuse_gradients is not None and not isinstance(reuse_gradients, bool):
+            raise ValueError(f"GradNorm: reuse_gradients must be None, True or False, got {reuse_gradients!r}")
+        self.reuse_gradients = reuse_gradients
+        # Filled by the weight update while backward() reuses the per-task gradients.
+        self._reuse: _GradientReuse | None = None
 
         self.register_buffer("task_weights", torch.ones(self.num_tasks))
         self.register_buffer("initial_losses", torch.zeros(self.num_tasks))
@@ -188,6 +207,8 @@ class GradNorm(Balancer):
             index = torch.tensor([self.task_index[name] for name in losses], device=self.task_weights.device)
             weights = self.task_weights[index]
         total = (weights.to(stacked.dtype) * stacked).sum()
+        if self._reuse is not None:
+            self._reuse.total_tasks = list(losses)
 
         if self.training and (self._precomputed_norms is not None or any(loss.requires_grad for loss in losses.values())):
             if not all(self._known_tasks()):
@@ -199,12 +220,16 @@ class GradNorm(Balancer):
     def backward(self, losses: Mapping[str, Tensor], **kwargs: Any) -> Tensor:
         r"""Back-propagate the weighted total and update the weights; return the total, detached.
 
-        With ``per_task_backward=False`` this is ``self(losses).backward()``. With ``True`` the
-        :math:`T` per-task backward passes give both the norms and the model's gradient of
+        With ``per_task_backward=False`` the gradients are those of ``self(losses).backward()``;
+        on a weight-update step the per-task gradients at ``shared_parameters`` are reused for
+        the model's gradient there (see ``reuse_gradients``). With ``True`` the :math:`T`
+        per-task backward passes give both the norms and the model's gradient of
         :math:`\sum_i w_i(t) \mathcal{L}_i`, so no further backward pass runs.
         """
-        if not self.per_task_backward or not self.training:
+        if not self.training:
             return super().backward(losses, **kwargs)
+        if not self.per_task_backward:
+            return self._backward_reusing_gradients(losses)
 
         finite = self._finite_losses(losses)
         if not finite or not all(loss.requires_grad for loss in finite.values()):
@@ -222,6 +247,34 @@ class GradNorm(Balancer):
         finally:
             self._precomputed_norms = None
         return total.detach()
+
+    def _backward_reusing_gradients(self, losses: Mapping[str, Tensor]) -> Tensor:
+        """Back-propagate the total; on an update step sum the gradient at ``W`` from the task gradients."""
+        reuse = _GradientReuse(self._shared_parameters) if self._reuse_allowed() else None
+        self._reuse = reuse
+        try:
+            total = self(losses)
+        finally:
+            self._reuse = None
+        if not total.requires_grad:
+            return total.detach()
+
+        if reuse is None or not reuse.covers_total():
+            total.backward()
+            return total.detach()
+
+        others = [leaf for leaf in _graph_leaves(total) if id(leaf) not in reuse.shared_ids]
+        if others:
+            torch.autograd.backward(total, inputs=others)
+        reuse.add_to_grad()
+        return total.detach()
+
+    def _reuse_allowed(self) -> bool:
+        if self.reuse_gradients is not None:
+            return self.reuse_gradients and all(parameter.is_leaf for parameter in self._shared_parameters)
+        if get_world_size() > 1:
+            return False
+        return all(parameter.is_leaf for parameter in self._shared_parameters)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"optimizer": self._weight_optimizer().state_dict()}
@@ -313,6 +366,8 @@ class GradNorm(Balancer):
         if not loss.requires_grad:
             raise ValueError(f"GradNorm: the loss of task {name!r} does not require grad, so it does not reach shared_parameters; {hint}")
         grads = torch.autograd.grad(loss, self._shared_parameters, retain_graph=True, allow_unused=True)
+        if self._reuse is not None:
+            self._reuse.add(name, self.task_weights[self.task_index[name]], grads)
         reached = [grad for grad in grads if grad is not None]
         if not reached:
             raise ValueError(f"GradNorm: the loss of task {name!r} does not depend on shared_parameters; {hint}")
@@ -366,6 +421,61 @@ class GradNorm(Balancer):
             "steps with two or more such tasks (this message is logged once)",
             num_candidates,
         )
+
+
+class _GradientReuse:
+    r"""The running sum :math:`\sum_i w_i(t) \nabla_W \mathcal{L}_i` of one step's task gradients at ``W``."""
+
+    def __init__(self, shared_parameters: tuple[Tensor, ...]) -> None:
+        self.shared_parameters = shared_parameters
+        self.shared_ids = {id(parameter) for parameter in shared_parameters}
+        self.sums: list[Tensor | None] = [None] * len(shared_parameters)
+        self.tasks: list[str] = []
+        self.total_tasks: list[str] | None = None
+
+    def add(self, name: str, weight: Tensor, grads: Sequence[Tensor | None]) -> None:
+        self.tasks.append(name)
+        for k, grad in enumerate(grads):
+            if grad is None:
+                continue
+            term = weight.to(grad.dtype)
+            current = self.sums[k]
+            self.sums[k] = grad * term if current is None else current.addcmul_(grad, term)
+
+    def covers_total(self) -> bool:
+        """Return whether every task of the total, and no other, gave its gradient."""
+        return self.total_tasks is not None and sorted(self.tasks) == sorted(self.total_tasks)
+
+    def add_to_grad(self) -> None:
+        """Accumulate the sums into ``.grad`` as a backward pass would."""
+        with torch.no_grad():
+            for parameter, summed in zip(self.shared_parameters, self.sums):
+                if summed is None:
+                    continue
+                summed = summed.to(parameter.dtype)
+                if parameter.grad is None:
+                    parameter.grad = summed
+                else:
+                    parameter.grad.add_(summed)
+
+
+def _graph_leaves(tensor: Tensor) -> list[Tensor]:
+    """Return the leaf tensors that a backward pass from ``tensor`` accumulates into."""
+    leaves: list[Tensor] = []
+    seen: set[Any] = set()
+    stack = [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        for next_node, _ in node.next_functions:
+            if next_node is None or next_node in seen:
+                continue
+            seen.add(next_node)
+            variable = getattr(next_node, "variable", None)
+            if variable is not None:
+                leaves.append(variable)
+            else:
+                stack.append(next_node)
+    return leaves
 
 
 def gradnorm_weight_gradient(
