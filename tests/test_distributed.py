@@ -13,6 +13,8 @@ import torch.multiprocessing as mp
 
 from multitune.balancing import Balancer
 from multitune.distributed import (
+    all_reduce_gradients,
+    broadcast_parameters,
     all_reduce_mean,
     get_rank,
     get_world_size,
@@ -97,6 +99,20 @@ def _rank_losses(rank: int) -> dict[str, torch.Tensor]:
     }
 
 
+class _GradientModule(torch.nn.Module):
+    """Parameters whose values differ by rank: every entry is r + 1 on rank r."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        value = float(rank + 1)
+        self.both = torch.nn.Parameter(torch.full((4,), value))
+        self.one = torch.nn.Parameter(torch.full((2,), value))
+        self.none = torch.nn.Parameter(torch.full((3,), value))
+        self.low_precision = torch.nn.Parameter(torch.full((2,), value, dtype=torch.bfloat16))
+        self.frozen = torch.nn.Parameter(torch.full((2,), value), requires_grad=False)
+        self.register_buffer("count", torch.tensor([rank + 10]))
+
+
 def _worker(rank: int, init_file: str, result_dir: str) -> None:
     # Gloo exchanges data over TCP after the file rendezvous, and the loopback interface keeps it on 127.0.0.1.
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
@@ -128,6 +144,20 @@ def _worker(rank: int, init_file: str, result_dir: str) -> None:
         if rank == 0:
             partial["b"] = torch.tensor(7.0)
         results["task_means"], results["task_present"] = balancer.reduce_task_stats(partial)
+
+        # Gradients: "both" has a gradient on both ranks, "one" on rank 0 only, "none" on neither,
+        # "low_precision" is bfloat16; "frozen" does not require grad.
+        module = _GradientModule(rank)
+        module.both.grad = _rank_values(rank)
+        if rank == 0:
+            module.one.grad = torch.tensor([6.0, -2.0])
+        module.low_precision.grad = (_rank_values(rank)[:2] * 0.5).to(torch.bfloat16)
+        all_reduce_gradients(module.parameters())
+        results["gradients"] = {name: None if p.grad is None else p.grad.clone() for name, p in module.named_parameters()}
+
+        broadcast_target = _GradientModule(rank)
+        broadcast_parameters(broadcast_target)
+        results["broadcast"] = {name: tensor.clone() for name, tensor in broadcast_target.state_dict().items()}
 
         torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
     finally:
@@ -194,3 +224,35 @@ def test_reduce_task_stats_counts_present_ranks(rank_results):
     for results in rank_results:
         torch.testing.assert_close(results["task_means"], torch.tensor([[6.0, 7.0]]))
         assert results["task_present"].tolist() == [True, True]
+
+
+def test_all_reduce_gradients_mean_over_ranks(rank_results):
+    for results in rank_results:
+        gradients = results["gradients"]
+        torch.testing.assert_close(gradients["both"], (_rank_values(0) + _rank_values(1)) / 2)
+
+
+def test_all_reduce_gradients_missing_counts_as_zero(rank_results):
+    # Rank 1 had no gradient for "one": the mean is (g_0 + 0) / 2 on both ranks.
+    for results in rank_results:
+        torch.testing.assert_close(results["gradients"]["one"], torch.tensor([3.0, -1.0]))
+
+
+def test_all_reduce_gradients_none_everywhere_stays_none(rank_results):
+    for results in rank_results:
+        assert results["gradients"]["none"] is None
+        assert results["gradients"]["frozen"] is None
+
+
+def test_all_reduce_gradients_bfloat16(rank_results):
+    expected = ((_rank_values(0)[:2] + _rank_values(1)[:2]) * 0.25).to(torch.bfloat16)
+    for results in rank_results:
+        assert results["gradients"]["low_precision"].dtype == torch.bfloat16
+        torch.testing.assert_close(results["gradients"]["low_precision"], expected)
+
+
+def test_broadcast_parameters_copies_rank_0(rank_results):
+    expected = _GradientModule(0).state_dict()
+    for results in rank_results:
+        for name, tensor in expected.items():
+            torch.testing.assert_close(results["broadcast"][name], tensor, rtol=0, atol=0)

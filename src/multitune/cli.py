@@ -183,11 +183,24 @@ def _mean_std(mean: float, std: float, count: int, *, signed: bool = False) -> s
 
 def _train(args: argparse.Namespace, console: Console) -> int:
     from multitune.config import load_config
+    from multitune.distributed import get_rank, init_from_environment, shutdown
     from multitune.report import write_run_report
     from multitune.training import Trainer
 
     config = load_config(args.config, args.overrides)
-    output = Trainer(config, show_progress=not args.quiet and not config.training.disable_progress_bar).train(resume=args.resume)
+    owns_process_group = init_from_environment(use_cpu=config.training.use_cpu)
+    rank = get_rank()
+    try:
+        if rank != 0:
+            # Rank 0 logs and writes for the whole run; the other ranks report only problems.
+            logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
+        output = Trainer(config, show_progress=not args.quiet and not config.training.disable_progress_bar).train(resume=args.resume)
+    finally:
+        if owns_process_group:
+            shutdown()
+    if rank != 0:
+        return 0
+
     console.print(results_table(output.results))
     try:
         report = write_run_report(output.run_dir)
@@ -298,6 +311,17 @@ _COMMANDS = {
 }
 
 
+def _reject_launcher_for(command: str) -> None:
+    """Raise when a launcher such as torchrun started several processes of a command other than ``train``."""
+    from multitune.distributed import launched_world_size
+
+    if command != "train" and launched_world_size() > 1:
+        raise ValueError(
+            f"multitune {command} runs in one process, but WORLD_SIZE={launched_world_size()} is set by a "
+            "launcher; run it without torchrun (only multitune train runs distributed)"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``multitune`` command line and return its exit status."""
     # Read by OpenMP when PyTorch loads, so it has no effect once torch is imported.
@@ -310,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from multitune.data import DataError
 
     try:
+        _reject_launcher_for(args.command)
         return _COMMANDS[args.command](args, console)
     except (ConfigError, DataError) as error:
         if args.debug:

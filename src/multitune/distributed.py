@@ -13,6 +13,8 @@ function::
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -36,6 +38,114 @@ def get_rank() -> int:
 def get_world_size() -> int:
     """Return the number of processes in the default process group, or 1 outside a distributed run."""
     return dist.get_world_size() if is_distributed() else 1
+
+
+def get_local_rank() -> int:
+    """Return this process's rank on its machine, from the ``LOCAL_RANK`` variable that torchrun sets, else 0."""
+    value = os.environ.get("LOCAL_RANK", "0")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"the environment variable LOCAL_RANK must be an integer, got {value!r}") from None
+
+
+def launched_world_size() -> int:
+    """Return the number of processes that the launcher started, from ``WORLD_SIZE`` (torchrun), else 1."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"the environment variable WORLD_SIZE must be an integer, got {value!r}") from None
+
+
+def init_from_environment(*, use_cpu: bool = False) -> bool:
+    """Initialise the default process group when a launcher such as torchrun started several processes.
+
+    The launcher's variables (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) configure
+    the group. The backend is NCCL when CUDA is available and ``use_cpu`` is false, and each
+    process then uses the GPU of its ``LOCAL_RANK``; otherwise it is gloo, on the CPU. Nothing
+    happens in a one-process run or when the group is already initialised.
+
+    Returns:
+        Whether this call initialised the group (and so should also destroy it, with
+        :func:`shutdown`).
+    """
+    if launched_world_size() <= 1 or is_distributed():
+        return False
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 asks for a distributed run, but this PyTorch build has no torch.distributed")
+
+    use_cuda = not use_cpu and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(get_local_rank())
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    logger.info("process group initialised: rank %d of %d, backend %s", dist.get_rank(), dist.get_world_size(), dist.get_backend())
+    return True
+
+
+def shutdown() -> None:
+    """Destroy the default process group, if one is initialised."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait until every rank reaches this call; nothing happens outside a distributed run."""
+    if is_distributed() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_parameters(module: torch.nn.Module, *, source: int = 0) -> None:
+    """Copy the parameters and buffers of ``module`` on rank ``source`` to every other rank, in place."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=source)
+
+
+def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    r"""Replace every parameter's ``.grad`` by its mean over the ranks, in place.
+
+    .. math:: \bar{g} = \frac{1}{W} \sum_{r=0}^{W-1} g_r
+
+    A rank whose parameter has no gradient (``.grad`` is ``None``) counts as a zero gradient, as in
+    ``DistributedDataParallel``; a parameter without a gradient on every rank keeps ``None``, so
+    the optimizer skips it as it would in a one-process run. The gradients are packed into one
+    flat buffer per dtype and device, so a step makes one collective call per buffer plus one for
+    the presence flags. Every rank must pass the same parameters in the same order.
+    """
+    parameters = [parameter for parameter in parameters if parameter.requires_grad]
+    if not parameters or not is_distributed() or dist.get_world_size() == 1:
+        return
+    world_size = dist.get_world_size()
+    device = parameters[0].device
+
+    present = torch.tensor([parameter.grad is not None for parameter in parameters], dtype=torch.float32, device=device)
+    dist.all_reduce(present, op=dist.ReduceOp.SUM)
+    reduced = [parameter for parameter, count in zip(parameters, present.tolist()) if count > 0]
+
+    buckets: dict[tuple[torch.dtype, torch.device], list[torch.nn.Parameter]] = {}
+    for parameter in reduced:
+        buckets.setdefault((parameter.dtype, parameter.device), []).append(parameter)
+    for (dtype, _), bucket in buckets.items():
+        flat = torch.cat([
+            (parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)).reshape(-1)
+            for parameter in bucket
+        ])
+        summed = flat.float() if dtype in _HALF_PRECISION else flat
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        summed /= world_size
+        mean = summed.to(dtype)
+        offset = 0
+        for parameter in bucket:
+            count = parameter.numel()
+            value = mean[offset : offset + count].view_as(parameter)
+            offset += count
+            if parameter.grad is None:
+                parameter.grad = value.clone()
+            else:
+                parameter.grad.copy_(value)
 
 
 def all_reduce_mean(tensor: Tensor, *, group: dist.ProcessGroup | None = None) -> Tensor:

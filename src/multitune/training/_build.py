@@ -125,9 +125,13 @@ def build_run_balancer(config: Config, model: MultiTaskModel, tasks: Mapping[str
 
 
 def select_device(use_cpu: bool) -> torch.device:
-    """Return CUDA when available and not disabled, else the CPU."""
+    """Return the current CUDA device when CUDA is available and not disabled, else the CPU.
+
+    Under torchrun the current device is the process's ``LOCAL_RANK`` GPU, set when the process
+    group is initialised (:func:`multitune.distributed.init_from_environment`).
+    """
     if not use_cpu and torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 

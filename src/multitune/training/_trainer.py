@@ -21,7 +21,16 @@ from torch import Tensor
 from multitune.balancing import Balancer, GradientBalancer
 from multitune.config import Config
 from multitune.data import LoaderStep, MultiTaskBatch, MultiTaskLoader, TaskData
-from multitune.distributed import all_reduce_mean, get_rank, get_world_size, mean_across_ranks
+from multitune.distributed import (
+    all_reduce_gradients,
+    all_reduce_mean,
+    barrier,
+    broadcast_parameters,
+    get_rank,
+    get_world_size,
+    init_from_environment,
+    mean_across_ranks,
+)
 from multitune.metrics import metric_higher_is_better
 from multitune.models import MultiTaskModel
 from multitune.training._build import (
@@ -132,6 +141,8 @@ class Trainer:
         self.run_dir = Path(self.args.output_dir)
         self.show_progress = (not self.args.disable_progress_bar) if show_progress is None else show_progress
 
+        # Under torchrun (WORLD_SIZE > 1) every process joins the default process group here.
+        init_from_environment(use_cpu=self.args.use_cpu)
         set_seed(self.args.seed)
         self.device = select_device(self.args.use_cpu)
         self.use_bf16 = resolve_bf16(self.args.bf16, self.device)
@@ -140,6 +151,8 @@ class Trainer:
         self.tasks: dict[str, TaskData] = dict(tasks) if tasks is not None else load_run_tasks(config, self.tokenizer)
         self.task_names = list(self.tasks)
         self.model: MultiTaskModel = build_model(config, self.tasks).to(self.device)
+        # Every rank starts from rank 0's weights, as DistributedDataParallel does.
+        broadcast_parameters(self.model)
         self.balancer: Balancer = build_run_balancer(config, self.model, self.tasks).to(self.device)
         self.world_size = get_world_size()
         self.is_main_process = get_rank() == 0
@@ -250,6 +263,8 @@ class Trainer:
 
         final_eval = self._evaluate_and_log(metrics_logger)
         self._save(final_eval)
+        # The other ranks may read the checkpoints below only once rank 0 has written them.
+        barrier()
         metrics_logger.close()
         logger.info("trained %d steps in %.1f s", self.step, time.perf_counter() - started)
 
@@ -271,7 +286,9 @@ class Trainer:
                 f"{self.run_dir} already contains checkpoints ({existing.name}); pass --resume to continue that run, "
                 "or set training.output_dir to a new folder"
             )
-        remove_incomplete_checkpoints(self.run_dir)
+        if self.is_main_process:
+            remove_incomplete_checkpoints(self.run_dir)
+        barrier()
 
     def _optimizer_steps(self) -> Iterator[list[MultiTaskBatch]]:
         """Yield the micro-batches of each optimizer step (``gradient_accumulation_steps`` loader steps)."""
@@ -339,7 +356,13 @@ class Trainer:
             self._same_batch_update(micro_batches, counts)
 
         loss_values = {task: float(loss.detach()) for task, loss in merged.items()}
-        return loss_values, float(total.detach()), grad_norm
+        total_value = float(total.detach())
+        if self.world_size > 1:
+            # Every rank has the same tasks in a step, so the logged losses are means over ranks.
+            values = all_reduce_mean(torch.tensor([*loss_values.values(), total_value], dtype=torch.float64, device=self.device)).tolist()
+            loss_values = dict(zip(loss_values, values[:-1]))
+            total_value = values[-1]
+        return loss_values, total_value, grad_norm
 
     @torch.no_grad()
     def _same_batch_update(self, micro_batches: list[MultiTaskBatch], counts: Mapping[str, int]) -> None:
@@ -352,11 +375,10 @@ class Trainer:
         self.balancer.update(merged)  # type: ignore[operator]
 
     def _average_gradients(self) -> None:
-        # NOTE: a plain all-reduce of every gradient after the backward pass (no overlap with it, as
-        # DistributedDataParallel would do); this path has no multi-process test.
-        parameters = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        for parameter in parameters:
-            parameter.grad.copy_(all_reduce_mean(parameter.grad))
+        # NOTE: one all-reduce after the backward pass, with no overlap between communication and
+        # computation as in DistributedDataParallel. Gradient-based balancers combine each rank's
+        # task gradients before this mean, so they see one rank's batch, not the global one.
+        all_reduce_gradients(p for group in self.optimizer.param_groups for p in group["params"])
 
     def _clip_gradients(self) -> float | None:
         parameters = [p for p in self.model.parameters() if p.grad is not None]
@@ -400,6 +422,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, TaskEvaluation]:
         """Score every task that has an eval split; the model is left in eval mode."""
+        # NOTE: in a distributed run every rank scores the whole eval split (the same weights give
+        # the same metrics everywhere); the eval time does not shrink with more ranks.
         evaluations = {}
         for name, task in self.tasks.items():
             if task.eval is None:
@@ -507,7 +531,6 @@ class Trainer:
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is None:
             raise FileNotFoundError(f"{self.run_dir}: no complete checkpoint to resume from; run without --resume to start")
-        remove_incomplete_checkpoints(self.run_dir)
         state = load_checkpoint_state(checkpoint, map_location=self.device)
         if state["total_steps"] != self.total_steps:
             raise ValueError(
@@ -525,11 +548,16 @@ class Trainer:
         self.best_step = state["best_step"]
         self._epochs_done = int(state["epochs_done"])
         set_rng_state(state["rng"])
-        # Checkpoints written after this one (by a run that went further) are not part of this run's history.
-        for later in self.run_dir.glob("checkpoint-*"):
-            step = later.name.removeprefix("checkpoint-")
-            if step.isdigit() and int(step) > self.step:
-                shutil.rmtree(later)
+        # Checkpoints written after this one (by a run that went further) are not part of this run's
+        # history. Rank 0 removes them once every rank has read the checkpoint it resumes from.
+        barrier()
+        if self.is_main_process:
+            remove_incomplete_checkpoints(self.run_dir)
+            for later in self.run_dir.glob("checkpoint-*"):
+                step = later.name.removeprefix("checkpoint-")
+                if step.isdigit() and int(step) > self.step:
+                    shutil.rmtree(later)
+        barrier()
         logger.info("resumed from %s at step %d of %d", checkpoint, self.step, self.total_steps)
 
     # Results -------------------------------------------------------------------------------
