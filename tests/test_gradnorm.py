@@ -687,9 +687,9 @@ def test_step_without_update_backpropagates_to_w() -> None:
         assert weight_gradient_products(balancer, model, steps=2) == expected, options
 
 
-def test_reuse_off_with_two_processes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With torch.distributed running two processes, reuse_gradients=None back-propagates to W again."""
-    monkeypatch.setattr("multitune.balancing._gradnorm.get_world_size", lambda: 2)
+def test_reuse_off_with_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a torch.distributed process group, reuse_gradients=None back-propagates to W again."""
+    monkeypatch.setattr("multitune.balancing._gradnorm.is_distributed", lambda: True)
     model = OddShapeNet()
     assert weight_gradient_products(GradNorm(NAMES, model.shared.weight), model) == len(NAMES) + 1
 
@@ -697,3 +697,42 @@ def test_reuse_off_with_two_processes(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_reuse_gradients_rejects_non_bool() -> None:
     with pytest.raises(ValueError, match="reuse_gradients must be None, True or False, got 'yes'"):
         GradNorm(NAMES, SmallNet().shared.weight, reuse_gradients="yes")  # type: ignore[arg-type]
+
+
+def test_tensor_listed_twice_counts_once() -> None:
+    model = SmallNet()
+    once = GradNorm(NAMES, [model.shared.weight])
+    twice = GradNorm(NAMES, [model.shared.weight, model.shared.weight])
+    assert len(twice.shared_parameters) == 1
+    losses = task_losses(model, make_batch(0))
+    once({name: loss for name, loss in losses.items()})
+    twice({name: loss for name, loss in losses.items()})
+    assert twice.grad_norms == pytest.approx(once.grad_norms, rel=1e-12)
+
+
+def test_nonfinite_gradient_norm_skips_update(caplog: pytest.LogCaptureFixture) -> None:
+    """A finite loss whose gradient at W is NaN (sqrt at 0) leaves the weights and moments unchanged."""
+    model = SmallNet()
+    balancer = GradNorm(NAMES, model.shared.weight, lr=0.1)
+    balancer.backward(task_losses(model, make_batch(0)))
+    weights = balancer.task_weights.clone()
+    moments = {key: value.clone() for key, value in balancer._weight_optimizer().state[balancer.task_weights].items()}
+
+    def losses_with_nan_gradient() -> dict[str, Tensor]:
+        losses = task_losses(model, make_batch(1))
+        x, _ = make_batch(1)
+        features = torch.tanh(model.shared(torch.tanh(model.first(x))))
+        losses["b"] = losses["b"] + (features * 0.0).sum().sqrt()
+        return losses
+
+    with caplog.at_level("WARNING", logger="multitune.balancing._gradnorm"):
+        balancer.backward(losses_with_nan_gradient())
+        balancer.backward(losses_with_nan_gradient())
+
+    assert torch.equal(balancer.task_weights, weights)
+    for key, value in balancer._weight_optimizer().state[balancer.task_weights].items():
+        assert torch.equal(value, moments[key]), key
+    messages = [record.getMessage() for record in caplog.records if "NaN or inf" in record.getMessage()]
+    assert len(messages) == 1
+    assert "['b']" in messages[0]
+    assert torch.isfinite(balancer.task_weights).all()

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from multitune.distributed import get_world_size
+from multitune.distributed import is_distributed
 
 from ._base import Balancer, NonFinitePolicy
 from ._registry import register_balancer
@@ -87,7 +87,8 @@ class GradNorm(Balancer):
     Args:
         task_names: names of the tasks.
         shared_parameters: the shared parameters :math:`W` at which the gradient norms are taken,
-            one tensor or several, whose gradients count as one vector for the norm. Pass the
+            one tensor or several, whose gradients count as one vector for the norm. A tensor
+            listed more than once counts once. Pass the
             last shared layer, e.g. ``model.encoder.layer[-1].output.dense.weight``. The
             balancer keeps references to them and does not register them as its parameters.
         alpha: strength :math:`\alpha \ge 0` of the restoring force toward equal training rates;
@@ -113,13 +114,16 @@ class GradNorm(Balancer):
             of :math:`T` backward passes and no more.
         reuse_gradients: whether :meth:`backward` builds the model's gradient at ``shared_parameters``
             from the per-task gradients of a weight-update step, instead of computing it again in
-            the backward pass of the total. ``None`` (default): yes, unless ``torch.distributed`` is
-            initialised with more than one process. ``True``: always; ``False``: never. NOTE:
-            the reused gradient is written into ``.grad`` directly, so hooks on the gradient
-            accumulation of ``shared_parameters`` do not run for it. ``DistributedDataParallel``
-            all-reduces from such hooks, so a model wrapped in it needs ``None`` or ``False``.
-            Calling the balancer and ``.backward()`` on the total, instead of :meth:`backward`,
-            never reuses.
+            the backward pass of the total. ``None`` (default): yes, unless a ``torch.distributed``
+            process group is initialised. ``True``: always. ``False``: never. A graph with a
+            reentrant ``torch.utils.checkpoint`` segment (``use_reentrant=True``) always takes
+            the plain backward pass. Calling the balancer and ``.backward()`` on the total,
+            instead of :meth:`backward`, never reuses. NOTE: with reuse, gradient hooks at
+            ``shared_parameters`` see other gradients. Post-accumulate-grad hooks do not run,
+            so ``DistributedDataParallel``, which all-reduces from them, needs ``None`` or
+            ``False``. Tensor hooks (``W.register_hook``) run once per task on the unweighted
+            task gradient and never on the total's, so a hook that is not linear (clipping, for
+            example) changes the result.
         on_nonfinite: see :class:`~multitune.balancing.Balancer`.
     """
 
@@ -175,6 +179,7 @@ class GradNorm(Balancer):
         self._known: list[bool] | None = None
         self._last_grad_norms: tuple[Tensor, Tensor] | None = None
         self._warned_no_update = False
+        self._warned_nonfinite_norms = False
 
     # Public read-outs --------------------------------------------------------------------------
 
@@ -250,7 +255,13 @@ class GradNorm(Balancer):
 
     def _backward_reusing_gradients(self, losses: Mapping[str, Tensor]) -> Tensor:
         """Back-propagate the total; on an update step sum the gradient at ``W`` from the task gradients."""
-        reuse = _GradientReuse(self._shared_parameters) if self._reuse_allowed() else None
+        reuse = None
+        if self._reuse_allowed():
+            # The graph is read before the call changes any state: a graph that the backward pass
+            # below cannot restrict to some leaves takes the plain path from the start.
+            leaves = _graph_leaves([loss for loss in losses.values() if isinstance(loss, Tensor) and loss.grad_fn is not None])
+            if leaves is not None:
+                reuse = _GradientReuse(self._shared_parameters, leaves)
         self._reuse = reuse
         try:
             total = self(losses)
@@ -263,18 +274,17 @@ class GradNorm(Balancer):
             total.backward()
             return total.detach()
 
-        others = [leaf for leaf in _graph_leaves(total) if id(leaf) not in reuse.shared_ids]
-        if others:
-            torch.autograd.backward(total, inputs=others)
+        if reuse.other_leaves:
+            torch.autograd.backward(total, inputs=reuse.other_leaves)
         reuse.add_to_grad()
         return total.detach()
 
     def _reuse_allowed(self) -> bool:
-        if self.reuse_gradients is not None:
-            return self.reuse_gradients and all(parameter.is_leaf for parameter in self._shared_parameters)
-        if get_world_size() > 1:
+        if self.reuse_gradients is False or not all(parameter.is_leaf for parameter in self._shared_parameters):
             return False
-        return all(parameter.is_leaf for parameter in self._shared_parameters)
+        if self.reuse_gradients is None and is_distributed():
+            return False
+        return self.update_every == 1 or int(self.step) % self.update_every == 0
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"optimizer": self._weight_optimizer().state_dict()}
@@ -352,6 +362,10 @@ class GradNorm(Balancer):
         else:
             norms = {name: self._gradient_norm(name, losses[name]) for name in candidates}
         means, present = self.reduce_task_stats({name: losses[name] for name in candidates}, norms)
+        finite_norms = torch.isfinite(means[1]) | ~present
+        if not bool(finite_norms.all()):
+            self._warn_nonfinite_norms([name for name, finite in zip(self.task_names, finite_norms.tolist()) if not finite])
+            return
         dtype = self.task_weights.dtype
         loss_ratios = means[0].to(dtype) / self.initial_losses.clamp_min(torch.finfo(dtype).tiny)
         gradient, weighted_norms = gradnorm_weight_gradient(self.task_weights, means[1].to(dtype), loss_ratios, present, self.alpha)
@@ -412,6 +426,16 @@ class GradNorm(Balancer):
             self._optimizer.load_state_dict(state)
         return self._optimizer
 
+    def _warn_nonfinite_norms(self, tasks: list[str]) -> None:
+        if self._warned_nonfinite_norms:
+            return
+        self._warned_nonfinite_norms = True
+        logger.warning(
+            "GradNorm: the gradient norm of task(s) %s at shared_parameters is NaN or inf although the loss is finite; "
+            "the weights are not updated in such steps (this message is logged once)",
+            tasks,
+        )
+
     def _warn_no_update(self, num_candidates: int) -> None:
         if self._warned_no_update or (self.initial_loss_steps > 1 and not all(self._known_tasks())):
             return
@@ -426,9 +450,10 @@ class GradNorm(Balancer):
 class _GradientReuse:
     r"""The running sum :math:`\sum_i w_i(t) \nabla_W \mathcal{L}_i` of one step's task gradients at ``W``."""
 
-    def __init__(self, shared_parameters: tuple[Tensor, ...]) -> None:
+    def __init__(self, shared_parameters: tuple[Tensor, ...], leaves: list[Tensor]) -> None:
         self.shared_parameters = shared_parameters
-        self.shared_ids = {id(parameter) for parameter in shared_parameters}
+        shared_ids = {id(parameter) for parameter in shared_parameters}
+        self.other_leaves = [leaf for leaf in leaves if id(leaf) not in shared_ids]
         self.sums: list[Tensor | None] = [None] * len(shared_parameters)
         self.tasks: list[str] = []
         self.total_tasks: list[str] | None = None
@@ -447,7 +472,7 @@ class _GradientReuse:
         return self.total_tasks is not None and sorted(self.tasks) == sorted(self.total_tasks)
 
     def add_to_grad(self) -> None:
-        """Accumulate the sums into ``.grad`` as a backward pass would."""
+        """Add the sums into ``.grad`` in place, or set ``.grad`` where it is ``None``; no gradient hook runs."""
         with torch.no_grad():
             for parameter, summed in zip(self.shared_parameters, self.sums):
                 if summed is None:
@@ -459,13 +484,19 @@ class _GradientReuse:
                     parameter.grad.add_(summed)
 
 
-def _graph_leaves(tensor: Tensor) -> list[Tensor]:
-    """Return the leaf tensors that a backward pass from ``tensor`` accumulates into."""
+def _graph_leaves(roots: Sequence[Tensor]) -> list[Tensor] | None:
+    """Return the leaf tensors that a backward pass from ``roots`` accumulates into.
+
+    Returns ``None`` when the graph contains a reentrant ``torch.utils.checkpoint`` segment, because
+    torch rejects ``inputs=`` in a backward pass through one.
+    """
     leaves: list[Tensor] = []
     seen: set[Any] = set()
-    stack = [tensor.grad_fn]
+    stack = [root.grad_fn for root in roots]
     while stack:
         node = stack.pop()
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return None
         for next_node, _ in node.next_functions:
             if next_node is None or next_node in seen:
                 continue
@@ -527,7 +558,12 @@ def _validate_shared_parameters(shared_parameters: Tensor | Iterable[Tensor]) ->
                 f"GradNorm: shared_parameters[{i}] (shape {tuple(parameter.shape)}) does not require grad; "
                 "pass a trainable parameter of the last shared layer"
             )
-    return parameters
+
+    # A tensor listed twice (a tied weight reached through two modules) counts once.
+    unique: dict[int, Tensor] = {}
+    for parameter in parameters:
+        unique.setdefault(id(parameter), parameter)
+    return tuple(unique.values())
 
 
 def _check_float(name: str, value: float, *, minimum: float, inclusive: bool) -> float:
