@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,42 @@ def test_predict_unknown_task_exits_2(trained: Path, tmp_path: Path, capsys: pyt
     source.write_text(json.dumps({"pixels": [0.0] * 128}) + "\n")
     assert cli.main(["-q", "predict", str(trained), "--task", "colour", str(source)]) == 2
     assert "unknown task 'colour'" in _one_error_line(capsys)
+
+
+def test_predict_without_training_data(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A copied run folder whose config points at data that no longer exists still predicts, and keeps label columns."""
+    copied = tmp_path / "copied-run"
+    shutil.copytree(trained, copied)
+    config = (copied / "config.yaml").read_text(encoding="utf-8")
+    (copied / "config.yaml").write_text(config.replace(str(trained.parent / "data"), str(tmp_path / "deleted")), encoding="utf-8")
+
+    rows = [json.loads(line) for line in (trained.parent / "data" / "multidigits" / "eval.jsonl").read_text().splitlines()[:5]]
+    source = tmp_path / "labelled.jsonl"
+    source.write_text("".join(json.dumps({"pixels": row["pixels"], "left": row["left"]}) + "\n" for row in rows))
+
+    from_copy = tmp_path / "from_copy.jsonl"
+    from_original = tmp_path / "from_original.jsonl"
+    assert cli.main(["-q", "predict", str(copied), "--task", "left", str(source), "--output", str(from_copy)]) == 0
+    assert cli.main(["-q", "predict", str(trained), "--task", "left", str(source), "--output", str(from_original)]) == 0
+    predicted = [json.loads(line) for line in from_copy.read_text().splitlines()]
+    assert predicted == [json.loads(line) for line in from_original.read_text().splitlines()]
+    assert [row["left"] for row in predicted] == [row["left"] for row in rows]
+
+    # Evaluation needs the eval data, so the copied run names the missing file.
+    capsys.readouterr()
+    assert cli.main(["-q", "evaluate", str(copied)]) == 2
+    assert "deleted" in _one_error_line(capsys)
+
+
+def test_failed_predict_keeps_output(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "inputs.jsonl"
+    source.write_text(json.dumps({"id": 1}) + "\n")
+    output = tmp_path / "predictions.jsonl"
+    output.write_text("earlier output\n")
+    assert cli.main(["-q", "predict", str(trained), "--task", "left", str(source), "--output", str(output)]) == 2
+    assert "pixels" in _one_error_line(capsys)
+    assert output.read_text() == "earlier output\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["inputs.jsonl", "predictions.jsonl"]
 
 
 def test_report_writes_plots(trained: Path) -> None:

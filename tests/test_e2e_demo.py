@@ -142,3 +142,11 @@ def _check_predictions(run_dir: Path, source: Path) -> None:
         assert isinstance(row["prediction"], list)
         assert set(row["prediction"]) <= allowed
 
+    # Rebuilt from model/ alone (transformers config, weights and tokenizer saved there), the run
+    # predicts the same labels.
+    saved_only = load_run(run_dir, load_data=False)
+    assert saved_only.tasks == {}
+    for task in ("name_gender", "name_language"):
+        expected = [row["prediction"] for row in predict_rows(run, task, source)]
+        assert [row["prediction"] for row in predict_rows(saved_only, task, source)] == expected, task
+

@@ -239,17 +239,31 @@ def _evaluate(args: argparse.Namespace, console: Console) -> int:
 def _predict(args: argparse.Namespace, console: Console) -> int:
     from multitune.training._run import json_default, load_run, predict_rows
 
-    run = load_run(args.run_dir)
-    handle = open(args.output, "w", encoding="utf-8") if args.output is not None else sys.stdout
+    # The model comes from the run folder alone; the training data need not exist any more.
+    run = load_run(args.run_dir, load_data=False)
+    rows = predict_rows(run, args.task, args.file)
+    if args.output is None:
+        count = 0
+        for row in rows:
+            sys.stdout.write(json.dumps(row, default=json_default, ensure_ascii=False) + "\n")
+            count += 1
+        logger.info("wrote %d predictions", count)
+        return 0
+
+    # Written under a temporary name and renamed at the end, so a failed run leaves any earlier
+    # output file as it was.
+    output = Path(args.output)
+    partial = output.with_name(output.name + ".tmp")
     count = 0
     try:
-        for row in predict_rows(run, args.task, args.file):
-            handle.write(json.dumps(row, default=json_default, ensure_ascii=False) + "\n")
-            count += 1
+        with open(partial, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, default=json_default, ensure_ascii=False) + "\n")
+                count += 1
+        os.replace(partial, output)
     finally:
-        if args.output is not None:
-            handle.close()
-    logger.info("wrote %d predictions%s", count, f" to {args.output}" if args.output else "")
+        partial.unlink(missing_ok=True)
+    logger.info("wrote %d predictions to %s", count, output)
     return 0
 
 

@@ -16,7 +16,7 @@ import torch
 from multitune.config import Config, load_config
 from multitune.data import DataError, TaskData, eval_batches, load_task
 from multitune.models import MultiTaskModel
-from multitune.training._build import build_model, load_run_tasks, load_tokenizer, select_device
+from multitune.training._build import build_mlp_backbone, build_model, load_run_tasks, load_tokenizer, select_device
 from multitune.training._evaluation import TaskEvaluation, constant_baseline, evaluate_task
 from multitune.training._trainer import CONFIG_FILE, MODEL_DIR
 
@@ -52,8 +52,15 @@ def _saved_label_names(model_dir: Path) -> dict[str, list[str]]:
     return {task: head["label_names"] for task, head in heads.items() if head.get("label_names")}
 
 
-def load_run(run_dir: str | Path) -> LoadedRun:
+def load_run(run_dir: str | Path, *, load_data: bool = True) -> LoadedRun:
     """Rebuild a finished run from its folder: ``config.yaml`` and the trained weights in ``model/``.
+
+    Args:
+        run_dir: the run folder (``training.output_dir`` of the run).
+        load_data: load and encode every task's data, as evaluation needs. ``False`` rebuilds the
+            model from the files in ``model/`` alone (head specs, label names and target
+            statistics are saved there), so the training data need not exist; ``tasks`` is then
+            empty. The tokenizer saved in ``model/`` is used when there is one.
 
     Raises:
         FileNotFoundError: the folder has no ``config.yaml`` or no trained model (the run has not
@@ -68,14 +75,46 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         raise FileNotFoundError(f"{run_dir}: no trained model in {MODEL_DIR}/; the run has not finished (resume it with --resume)")
 
     config = load_config(config_path, [f"training.output_dir={run_dir}"])
+    device = select_device(config.training.use_cpu)
+    if not load_data:
+        tokenizer = _saved_tokenizer(model_dir) or load_tokenizer(config.model)
+        model = _load_saved_model(config, model_dir).to(device)
+        return LoadedRun(run_dir=run_dir, config=config, tokenizer=tokenizer, tasks={}, model=model, device=device)
+
     tokenizer = load_tokenizer(config.model)
     label_names = _saved_label_names(model_dir)
     tasks = load_run_tasks(config, tokenizer, label_names=label_names)
-    device = select_device(config.training.use_cpu)
     model = build_model(config, tasks)
     model.load_weights(model_dir)
     model.to(device)
     return LoadedRun(run_dir=run_dir, config=config, tokenizer=tokenizer, tasks=tasks, model=model, device=device)
+
+
+def _saved_tokenizer(model_dir: Path) -> Any:
+    """Return the tokenizer saved next to the model, or None when the folder has none."""
+    if not (model_dir / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def _load_saved_model(config: Config, model_dir: Path) -> MultiTaskModel:
+    """Restore the trained model from ``model_dir`` without the tasks' data."""
+    if config.model.type != "mlp":
+        return MultiTaskModel.load(model_dir)
+
+    # The MLP backbone is not a transformers model, so it is rebuilt from the config; its input
+    # width is that of the saved first layer.
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as weights:
+        first = weights.get_slice("backbone.0.weight") if "backbone.0.weight" in weights.keys() else None
+        input_dim = config.model.input_dim or (first.get_shape()[1] if first is not None else None)
+    if input_dim is None:
+        raise ValueError(f"{model_dir}: the MLP's input width is unknown (no backbone.0.weight saved); set model.input_dim")
+    backbone = build_mlp_backbone(input_dim, config.model.hidden_sizes, config.model.dropout)
+    return MultiTaskModel.load(model_dir, backbone=backbone)
 
 
 def evaluate_run(run: LoadedRun) -> dict[str, tuple[TaskEvaluation, dict[str, float]]]:
@@ -106,23 +145,24 @@ def predict_rows(run: LoadedRun, task_name: str, path: str | Path) -> Iterator[d
 
     Predictions are label names (classification), lists of label names (multilabel), numbers or
     lists of numbers in data units (regression), or one tag per word (token classification). The
-    file needs the task's input columns; its label column, when present, is ignored.
+    file needs the task's input columns. Its label column, when present, is kept in the output
+    rows and not used. Works on a run loaded with ``load_data=False``.
     """
-    if task_name not in run.tasks:
-        raise KeyError(f"unknown task {task_name!r}; the run has tasks {list(run.tasks)}")
-    trained = run.tasks[task_name]
-    spec = trained.spec
+    if task_name not in run.config.tasks:
+        raise KeyError(f"unknown task {task_name!r}; the run has tasks {list(run.config.tasks)}")
+    spec = run.config.tasks[task_name]
+    label_names = run.model.head_specs[task_name].label_names
     rows = _read_rows(Path(path))
+    originals = rows.to_list()
     for field in spec.target_fields:
         if field not in rows.column_names:
             rows = rows.add_column(field, [None] * len(rows))
     predict_spec = spec.model_copy(
         update={"train": rows, "eval": None, "eval_fraction": None, "max_train_examples": None, "standardize_targets": False}
     )
-    task = load_task(predict_spec, run.tokenizer, label_names=trained.label_names)
+    task = load_task(predict_spec, run.tokenizer, label_names=label_names)
 
     run.model.eval()
-    originals = rows.remove_columns([field for field in spec.target_fields if field in rows.column_names]).to_list()
     position = 0
     with torch.no_grad():
         for batch in eval_batches(task, run.config.training.per_device_eval_batch_size, split="train"):
@@ -131,7 +171,7 @@ def predict_rows(run: LoadedRun, task_name: str, path: str | Path) -> Iterator[d
             predicted = run.model.predict(task_name, outputs.float()).cpu().numpy()
             for index, prediction in enumerate(predicted):
                 row = dict(originals[position])
-                row["prediction"] = _decode(trained, prediction, batch, index, run.tokenizer, row)
+                row["prediction"] = _decode(task, prediction, batch, index, run.tokenizer, row)
                 position += 1
                 yield row
 
