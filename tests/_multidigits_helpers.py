@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +47,17 @@ def write_config(root: Path, name: str = "config.yaml", *, tasks: tuple[str, ...
     path = root / name
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
+
+
+def cut_run_before_checkpoint(run_dir: Path, step: int) -> None:
+    """Leave ``run_dir`` as a crash while writing checkpoint ``step`` would: that checkpoint and the
+    final outputs gone, and a half-written ``checkpoint-<step>.tmp`` left behind."""
+    for name in (f"checkpoint-{step}", "model", "results.json", "results.md", "report.md", "plots"):
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    partial = run_dir / f"checkpoint-{step}.tmp"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\x00" * 16)

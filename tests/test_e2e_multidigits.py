@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _multidigits_helpers import build_small_multidigits, write_config
+from _multidigits_helpers import build_small_multidigits, cut_run_before_checkpoint, write_config
 from safetensors.torch import load_file
 
 from multitune import cli
@@ -42,19 +42,6 @@ def _train_rows(run_dir: Path) -> list[dict]:
     return [row for row in read_metrics(run_dir) if row["type"] == "train"]
 
 
-def _interrupt_after_step_4(run_dir: Path) -> None:
-    """Leave the run folder as a crash after step 4 would: later outputs gone, a half-written checkpoint left behind."""
-    for name in ("checkpoint-8", "model", "results.json", "results.md", "report.md", "plots"):
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    partial = run_dir / "checkpoint-8.tmp"
-    partial.mkdir()
-    (partial / "model.safetensors").write_bytes(b"\x00" * 16)
-
-
 def test_resume_matches_uninterrupted_run(data_root: Path) -> None:
     config = write_config(data_root, "resume.yaml", output_dir=str(data_root / "resume-a"))
     uninterrupted = data_root / "resume-a"
@@ -62,7 +49,7 @@ def test_resume_matches_uninterrupted_run(data_root: Path) -> None:
 
     assert cli.main(["-q", "train", str(config)]) == 0
     assert cli.main(["-q", "train", str(config), "--set", f"training.output_dir={resumed}"]) == 0
-    _interrupt_after_step_4(resumed)
+    cut_run_before_checkpoint(resumed, 8)
 
     # The resume runs the installed console script in a separate process.
     env = dict(os.environ, HF_HUB_OFFLINE="1")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _multidigits_helpers import build_small_multidigits, write_config
+from _multidigits_helpers import build_small_multidigits, cut_run_before_checkpoint, write_config
 from safetensors.torch import load_file
 
 from multitune.training import read_metrics
@@ -64,13 +64,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # A copy of the two-rank run cut back to a crash after step 3, with a half-written checkpoint.
     resumed = root / "resumed"
     shutil.copytree(root / "two", resumed)
-    for name in ("checkpoint-6", "model", "results.json", "results.md", "report.md", "plots"):
-        path = resumed / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    (resumed / "checkpoint-6.tmp").mkdir()
+    cut_run_before_checkpoint(resumed, STEPS)
     config = yaml.safe_load(two_ranks.read_text(encoding="utf-8"))
     config["training"]["output_dir"] = str(resumed)
     resumed_config = root / "resumed.yaml"
