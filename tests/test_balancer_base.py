@@ -267,8 +267,10 @@ def test_reduce_hook_gets_losses(method):
     loss_a, loss_b = out[0, 0] ** 2 + 1.0, out[0, 1] ** 2 + 2.0
     balancer({"a": loss_a, "b": loss_b})
 
-    assert received
-    for packed in received:
+    # The first call agrees on non-finite losses across ranks: one flag per task, none set here.
+    assert received[0].tolist() == [0.0, 0.0]
+    assert len(received) > 1
+    for packed in received[1:]:
         assert packed[0].tolist() == [loss_a.item(), loss_b.item()]
         assert packed[-1].tolist() == [1.0, 1.0]
 

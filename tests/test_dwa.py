@@ -196,15 +196,25 @@ def test_nan_loss_not_recorded() -> None:
 
 
 def test_epoch_averages_pass_through_reduce() -> None:
-    # A second rank that saw segmentation losses summing to 6 over 2 steps and depth 1 over 1 step.
-    other_rank = torch.tensor([[6.0, 1.0, 0.0], [2.0, 1.0, 0.0]], dtype=torch.float64)
+    # A second rank that saw segmentation losses 2 and 4 and depth 1 in its first step only. Each
+    # call reduces one flag per task (non-finite losses, none here) and then the step's losses and counts.
+    other_steps = [
+        torch.tensor([[2.0, 1.0, 0.0], [1.0, 1.0, 0.0]], dtype=torch.float64),
+        torch.tensor([[4.0, 0.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64),
+    ]
+
+    def mean_with_other_rank(local: torch.Tensor) -> torch.Tensor:
+        other = torch.zeros_like(local) if local.dim() == 1 else other_steps.pop(0)
+        return (local + other) / 2
+
     balancer = DWA(TASKS).double()
-    balancer.set_reduce_fn(lambda local: (local + other_rank) / 2)
+    balancer.set_reduce_fn(mean_with_other_rank)
 
     balancer(_losses([1.0, 3.0, 5.0]))
     balancer(_losses([2.0, 5.0, 7.0]))
     balancer.end_epoch()
 
+    assert not other_steps
     expected = torch.tensor([(3.0 + 6.0) / 4, (8.0 + 1.0) / 3, 12.0 / 2], dtype=torch.float64)
     torch.testing.assert_close(balancer.last_average, expected, rtol=1e-12, atol=0)
 

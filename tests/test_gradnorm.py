@@ -470,7 +470,8 @@ def test_reduce_fn_averages_losses_and_norms():
     other_norms = torch.tensor([0.5, 9.0, 0.2], dtype=torch.float64)
     ones = torch.ones(3, dtype=torch.float64)
     other_rank = {2: torch.stack([other_losses, ones]), 3: torch.stack([other_losses, other_norms, ones])}
-    balancer.set_reduce_fn(lambda tensor: (tensor + other_rank[tensor.shape[0]]) / 2.0)
+    # 1-D tensors are the per-task flags of non-finite losses, none of them set on either rank.
+    balancer.set_reduce_fn(lambda tensor: tensor / 2.0 if tensor.dim() == 1 else (tensor + other_rank[tensor.shape[0]]) / 2.0)
 
     losses = task_losses(model, make_batch(0))
     local_losses = torch.stack([loss.detach() for loss in losses.values()])

@@ -147,7 +147,8 @@ def test_eval_mode_freezes_ema():
 def test_reduce_fn_averages_ema_input():
     balancer = TaskNormalization(["a", "b"], beta=0.5).double()
     other_rank = torch.tensor([[10.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
-    balancer.set_reduce_fn(lambda tensor: (tensor + other_rank) / 2.0)
+    # 1-D tensors are the per-task flags of non-finite losses, none of them set on either rank.
+    balancer.set_reduce_fn(lambda tensor: tensor / 2.0 if tensor.dim() == 1 else (tensor + other_rank) / 2.0)
     total = balancer(tensors({"a": 2.0, "b": 3.0}))
     # Rank mean of a is (2 + 10) / 2 = 6; b is only on this rank.
     assert balancer.ema.tolist() == [6.0, 3.0]

@@ -244,3 +244,39 @@ def test_bf16_auto_is_off_on_cpu(data_root: Path) -> None:
     trainer = Trainer(_config(data_root, "bf16-auto"), show_progress=False)
     assert trainer.args.bf16 == "auto"
     assert not trainer.use_bf16
+
+
+def _masked(batch: dict[str, torch.Tensor], labelled: int) -> dict[str, torch.Tensor]:
+    """Return a copy of a task batch whose first ``labelled`` examples keep their labels."""
+    masked = dict(batch)
+    mask = torch.zeros_like(batch["label_mask"])
+    mask[:labelled] = True
+    masked["label_mask"] = mask
+    return masked
+
+
+def test_loss_scales_weight_micro_batches_by_labelled_examples(data_root: Path) -> None:
+    """Micro-batch losses count by their labelled examples; a task without any is left out of the step."""
+    trainer = Trainer(_config(data_root, "scales", "balancer.name=equal"), show_progress=False)
+    step = next(iter(trainer.loader))
+    micro_batches = [
+        {"left": _masked(step["left"], 3), "right": _masked(step["right"], 0)},
+        {"left": _masked(step["left"], 1), "right": _masked(step["right"], 0), "sum": step["sum"]},
+    ]
+    scales = trainer._loss_scales(micro_batches)
+
+    assert scales[0] == {"left": pytest.approx(3 / 4)}
+    assert scales[1] == {"left": pytest.approx(1 / 4), "sum": pytest.approx(1.0)}
+
+    # The scaled losses add up to the mean over all labelled examples of the step.
+    losses = [trainer._task_losses(micro_batch, micro_scales)[0] for micro_batch, micro_scales in zip(micro_batches, scales)]
+    assert "right" not in losses[0]
+    assert "right" not in losses[1]
+    trainer.model.eval()
+    with torch.no_grad():
+        combined = {key: torch.cat([step["left"][key][:3], step["left"][key][:1]]) for key in ("input_values", "labels")}
+        combined["label_mask"] = torch.ones(4, dtype=torch.bool)
+        batch = prepare_batch(trainer.tasks["left"], combined, torch.device("cpu"))
+        expected = trainer.model.compute_loss("left", trainer.model.head_forward("left", trainer.model.forward_features(batch)), batch)
+        scaled = [trainer._task_losses(micro_batch, micro_scales)[0]["left"] for micro_batch, micro_scales in zip(micro_batches, scales)]
+    assert float(sum(scaled)) == pytest.approx(float(expected), rel=1e-6)

@@ -188,12 +188,12 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     from multitune.training import Trainer
 
     config = load_config(args.config, args.overrides)
+    if os.environ.get("RANK", "0") != "0":
+        # Rank 0 logs and writes for the whole run; the other ranks report only problems.
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
     owns_process_group = init_from_environment(use_cpu=config.training.use_cpu)
     rank = get_rank()
     try:
-        if rank != 0:
-            # Rank 0 logs and writes for the whole run; the other ranks report only problems.
-            logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
         output = Trainer(config, show_progress=not args.quiet and not config.training.disable_progress_bar).train(resume=args.resume)
     finally:
         if owns_process_group:

@@ -195,13 +195,42 @@ class Balancer(nn.Module):
         if not present:
             return {}
 
+        flags = _finite_flags(list(present.values()))
+        elsewhere = self._nonfinite_on_other_ranks(present, flags) if self._reduce_fn is not None else set()
         finite: dict[str, Tensor] = {}
-        for (name, loss), is_finite in zip(present.items(), _finite_flags(list(present.values()))):
-            if is_finite:
-                finite[name] = loss
-            else:
+        for (name, loss), is_finite in zip(present.items(), flags):
+            if not is_finite:
                 self._handle_nonfinite(name, loss)
+            elif name in elsewhere:
+                self._note_nonfinite_elsewhere(name)
+            else:
+                finite[name] = loss
         return finite
+
+    def _nonfinite_on_other_ranks(self, present: dict[str, Tensor], flags: list[bool]) -> set[str]:
+        """Return the tasks whose loss is non-finite on some rank, through one :meth:`reduce` call.
+
+        Every rank then leaves the same tasks out, so every rank makes the same collective calls
+        in :meth:`combine` (a rank that skipped them would leave the others waiting).
+        """
+        first = next(iter(present.values()))
+        nonfinite = torch.zeros(self.num_tasks, dtype=torch.float32, device=first.device)
+        for name, is_finite in zip(present, flags):
+            if not is_finite:
+                nonfinite[self.task_index[name]] = 1.0
+        reduced = self.reduce(nonfinite).tolist()
+        return {name for name in present if reduced[self.task_index[name]] > 0}
+
+    def _note_nonfinite_elsewhere(self, name: str) -> None:
+        count = self.nonfinite_counts.get(name, 0) + 1
+        self.nonfinite_counts[name] = count
+        if count == 1:
+            logger.warning(
+                "task %r: loss is NaN or inf on another rank at step %d; the task is left out of this step "
+                "on every rank (later occurrences are counted in nonfinite_counts, not logged)",
+                name,
+                int(self.step),
+            )
 
     def _handle_nonfinite(self, name: str, loss: Tensor) -> None:
         value = loss.detach().item()

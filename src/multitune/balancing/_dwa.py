@@ -142,13 +142,15 @@ class DWA(Balancer):
     def end_epoch(self) -> None:
         """Close the current period: its averages become :math:`\\bar L(t-1)` for the next calls.
 
-        The loss sums and counts pass through :meth:`reduce` here, so in a distributed run every
-        rank must call this at the same point. Does nothing with ``window`` set.
+        Each call's losses passed through :meth:`reduce` when they were recorded, so the period's
+        sums are the same on every rank and a checkpoint of any rank restores them. In a
+        distributed run every rank must still call this at the same point. Does nothing with
+        ``window`` set.
         """
         if self.window is not None:
             return
 
-        totals = self.reduce(torch.stack([self.period_loss_sum, self.period_loss_count]))
+        totals = torch.stack([self.period_loss_sum, self.period_loss_count])
 
         self.previous_average.copy_(self.last_average)
         self.last_average.copy_(_average(totals.unsqueeze(0)))
@@ -167,8 +169,10 @@ class DWA(Balancer):
         call_index = self.calls
         self.calls += 1
 
+        # One reduce per call, in both modes, so every rank stores the same statistics.
+        step_losses = self.reduce(step_losses)
         if self.window is not None:
-            self.window_losses[call_index % (2 * self.window)] = self.reduce(step_losses)
+            self.window_losses[call_index % (2 * self.window)] = step_losses
             return
 
         self.period_loss_sum += step_losses[0]

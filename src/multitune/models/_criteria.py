@@ -35,6 +35,20 @@ LOSSES_BY_KIND: dict[str, tuple[str, ...]] = {
 }
 
 
+def labelled_count(kind: str, labels: Tensor, label_mask: Tensor | None = None) -> int:
+    """Return the number of labelled elements of a batch: the count that a built-in loss averages over.
+
+    Elements are as in this module's losses: the rows whose ``label_mask`` is True, and in them
+    the labels other than ``-100`` (classification, multilabel, token classification) or the
+    targets other than NaN (regression).
+    """
+    if label_mask is not None:
+        labels = labels[label_mask.to(dtype=torch.bool).reshape(-1)]
+    if kind == "regression":
+        return int((~torch.isnan(labels)).sum())
+    return int((labels != IGNORE_INDEX).sum())
+
+
 def zero_loss(outputs: Tensor) -> Tensor:
     """Return a scalar zero that depends on ``outputs``, so ``backward()`` works and gives zero gradients.
 

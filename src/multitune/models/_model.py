@@ -22,6 +22,7 @@ from multitune.models._backbones import (
     is_transformers_model,
     load_hf_backbone,
 )
+from multitune.models._criteria import labelled_count
 from multitune.models._heads import HeadSpec, TaskHead, build_head
 from multitune.models._pooling import POOLING_MODES, Features, Pooling, pool
 from multitune.models._serialization import (
@@ -306,6 +307,12 @@ class MultiTaskModel(nn.Module):
             return head.loss(outputs, batch["labels"], batch.get("label_mask"))
         except ValueError as error:
             raise ValueError(f"task {task!r}: {error}") from error
+
+    def labelled_count(self, task: str, batch: Mapping[str, Tensor]) -> int:
+        """Return the number of labelled elements of ``task``'s ``batch``, which :meth:`compute_loss` averages over."""
+        if "labels" not in batch:
+            raise KeyError(f"task {task!r}: the batch has no 'labels' entry (keys: {sorted(batch)})")
+        return labelled_count(self.heads[task].spec.kind, batch["labels"], batch.get("label_mask"))
 
     def predict(self, task: str, outputs: Tensor) -> Tensor:
         """Convert ``task``'s outputs to predictions: class ids, multi-hot (probability >= 0.5), values in original units, or tag ids."""

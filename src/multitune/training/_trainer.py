@@ -8,7 +8,6 @@ import math
 import random
 import shutil
 import time
-from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,19 +302,48 @@ class Trainer:
         if pending:
             yield pending
 
-    def _task_losses(self, micro_batch: MultiTaskBatch, counts: Mapping[str, int]) -> tuple[dict[str, Tensor], list[Tensor]]:
-        """Return each task's loss on its batch (divided by the number of micro-batches holding the task) and the pooled features."""
+    def _loss_scales(self, micro_batches: list[MultiTaskBatch]) -> list[dict[str, float]]:
+        r"""Return, per micro-batch, the factor of each task's mean loss in the step's loss of that task.
+
+        Micro-batch :math:`m` on rank :math:`r` contains :math:`n_{r,m}` labelled elements of a task,
+        and :math:`N = \sum_{r,m} n_{r,m}` over the step's micro-batches and all ranks. Its factor
+        :math:`W n_{r,m} / N` makes the mean over the :math:`W` ranks of the summed task losses
+        the mean over all :math:`N` labelled elements, as one process with the whole step's
+        examples would compute. A task without any labelled element anywhere is left out of the
+        step on every rank, as a task not drawn would be.
+        """
+        counts = [
+            {task: self.model.labelled_count(task, batch) for task, batch in micro_batch.items() if task in self.tasks}
+            for micro_batch in micro_batches
+        ]
+        totals = {task: 0 for task in self.task_names}
+        for micro_batch_counts in counts:
+            for task, count in micro_batch_counts.items():
+                totals[task] += count
+        if self.world_size > 1:
+            # The tasks of a step are the same on every rank, so one vector carries every total.
+            local = torch.tensor([float(totals[task]) for task in self.task_names], dtype=torch.float64, device=self.device)
+            summed = (all_reduce_mean(local) * self.world_size).round().tolist()
+            totals = dict(zip(self.task_names, (int(value) for value in summed)))
+
+        return [
+            {task: self.world_size * count / totals[task] for task, count in micro_batch_counts.items() if totals[task] > 0}
+            for micro_batch_counts in counts
+        ]
+
+    def _task_losses(self, micro_batch: MultiTaskBatch, scales: Mapping[str, float]) -> tuple[dict[str, Tensor], list[Tensor]]:
+        """Return each task's loss on its batch, times its factor from :meth:`_loss_scales`, and the pooled features."""
         losses: dict[str, Tensor] = {}
         features: list[Tensor] = []
         for task in self.task_names:
-            if task not in micro_batch:
+            if task not in micro_batch or task not in scales:
                 continue
             batch = prepare_batch(self.tasks[task], micro_batch[task], self.device)
             with self.autocast():
                 task_features = self.model.forward_features(batch)
                 outputs = self.model.head_forward(task, task_features)
                 loss = self.model.compute_loss(task, outputs, batch)
-            losses[task] = loss.float() / counts[task]
+            losses[task] = loss.float() * scales[task]
             features.append(task_features.pooled)
         return losses, features
 
@@ -323,14 +351,14 @@ class Trainer:
         """Run one optimizer step; return the per-task losses, the balancer's total and the gradient norm."""
         self.model.train()
         self.balancer.train()
-        counts = Counter(task for micro_batch in micro_batches for task in micro_batch)
+        scales = self._loss_scales(micro_batches)
         balancer = self.balancer
         per_micro_batch = isinstance(balancer, GradientBalancer) and balancer.gradients != "features"
 
         merged: dict[str, Tensor] = {}
         features: list[Tensor] = []
-        for micro_batch in micro_batches:
-            losses, task_features = self._task_losses(micro_batch, counts)
+        for micro_batch, micro_batch_scales in zip(micro_batches, scales):
+            losses, task_features = self._task_losses(micro_batch, micro_batch_scales)
             if per_micro_batch:
                 balancer.accumulate(losses)  # type: ignore[union-attr]
             for task, loss in losses.items():
@@ -353,7 +381,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if getattr(balancer, "update_mode", None) == "same_batch":
-            self._same_batch_update(micro_batches, counts)
+            self._same_batch_update(micro_batches, scales)
 
         loss_values = {task: float(loss.detach()) for task, loss in merged.items()}
         total_value = float(total.detach())
@@ -365,11 +393,11 @@ class Trainer:
         return loss_values, total_value, grad_norm
 
     @torch.no_grad()
-    def _same_batch_update(self, micro_batches: list[MultiTaskBatch], counts: Mapping[str, int]) -> None:
+    def _same_batch_update(self, micro_batches: list[MultiTaskBatch], scales: list[dict[str, float]]) -> None:
         # FAMO with update="same_batch" needs the losses of the same batch after the model step.
         merged: dict[str, Tensor] = {}
-        for micro_batch in micro_batches:
-            losses, _ = self._task_losses(micro_batch, counts)
+        for micro_batch, micro_batch_scales in zip(micro_batches, scales):
+            losses, _ = self._task_losses(micro_batch, micro_batch_scales)
             for task, loss in losses.items():
                 merged[task] = merged[task] + loss if task in merged else loss
         self.balancer.update(merged)  # type: ignore[operator]
@@ -422,8 +450,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, TaskEvaluation]:
         """Score every task that has an eval split; the model is left in eval mode."""
-        # NOTE: in a distributed run every rank scores the whole eval split (the same weights give
-        # the same metrics everywhere); the eval time does not shrink with more ranks.
+        # NOTE: in a distributed run every rank scores the whole eval split, so the eval time does
+        # not shrink with more ranks. The same weights give the same metrics on every rank.
         evaluations = {}
         for name, task in self.tasks.items():
             if task.eval is None:
