@@ -80,7 +80,7 @@ def test_tensorboard_scalars(tmp_path: Path) -> None:
 
 def test_progress_bar_shows_losses_and_weights() -> None:
     buffer = io.StringIO()
-    console = Console(file=buffer, force_terminal=False, width=120)
+    console = Console(file=buffer, force_terminal=True, width=120)
     progress = ProgressDisplay(10, enabled=True, console=console)
     progress.update(3, losses={"a": 0.123, "b": 2.5}, weights={"a": 1.5})
     progress.close()
@@ -88,3 +88,31 @@ def test_progress_bar_shows_losses_and_weights() -> None:
     assert "3/10" in text
     assert "a 0.123×1.5" in text
     assert "b 2.5" in text
+
+
+def test_progress_logged_when_not_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
+    """Without a terminal the progress is one log line about every 5% of the steps, and none is drawn."""
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=False, width=40)
+    with caplog.at_level("INFO", logger="multitune.training._logging"):
+        progress = ProgressDisplay(40, enabled=True, console=console)
+        for step in range(1, 41):
+            progress.update(step, losses={"icd10_chapter": 1.15, "name_gender": 0.5}, weights={"icd10_chapter": 0.25})
+        progress.close()
+
+    assert buffer.getvalue() == ""
+    lines = [record.getMessage() for record in caplog.records]
+    assert [line.split(" ", 2)[1] for line in lines] == [f"{step}/40" for step in range(2, 41, 2)]
+    assert lines[-1].startswith("step 40/40 (100%)")
+    assert "0s left" in lines[-1]
+    assert lines[0].endswith("loss×weight: icd10_chapter 1.15×0.25 name_gender 0.5")
+
+
+def test_progress_log_after_resume_starts_at_resumed_step(caplog: pytest.LogCaptureFixture) -> None:
+    console = Console(file=io.StringIO(), force_terminal=False)
+    with caplog.at_level("INFO", logger="multitune.training._logging"):
+        progress = ProgressDisplay(100, initial_step=50, enabled=True, console=console)
+        for step in range(51, 101):
+            progress.update(step, losses={"a": 1.0}, weights={})
+    steps = [record.getMessage().split(" ", 2)[1] for record in caplog.records]
+    assert steps == [f"{step}/100" for step in range(55, 101, 5)]

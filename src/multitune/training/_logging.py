@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -127,16 +128,29 @@ class MetricsLogger:
 
 
 class ProgressDisplay:
-    """A rich progress bar over optimizer steps that shows the latest per-task losses and weights.
+    """Progress over optimizer steps with the latest per-task losses and weights.
 
-    Disabled displays (``enabled=False``) do nothing, which is what tests and non-interactive
-    runs use.
+    On a terminal it is a rich progress bar. Elsewhere (output to a file or a pipe, as under a
+    job scheduler) a live bar would be cut to the console width and redrawn into the file, so
+    the progress is logged instead: one INFO line about every 5% of the steps and at the last
+    step. Disabled displays (``enabled=False``) do nothing, which is what tests use.
     """
+
+    LOG_FRACTION = 0.05
 
     def __init__(self, total_steps: int, *, initial_step: int = 0, enabled: bool = True, console: Console | None = None) -> None:
         self.enabled = enabled
+        self.total_steps = total_steps
         self._progress: Progress | None = None
+        self._started = time.perf_counter()
+        self._initial_step = initial_step
+        self._log_every = max(1, math.ceil(total_steps * self.LOG_FRACTION))
+        self._next_log = initial_step + self._log_every
         if not enabled:
+            return
+        console = console or Console(stderr=True)
+        self._logs_instead = not console.is_terminal
+        if self._logs_instead:
             return
         self._progress = Progress(
             TextColumn("[bold]train"),
@@ -145,22 +159,49 @@ class ProgressDisplay:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             TextColumn("{task.fields[status]}"),
-            console=console or Console(stderr=True),
+            console=console,
             transient=False,
         )
         self._task = self._progress.add_task("train", total=total_steps, completed=initial_step, status="")
         self._progress.start()
 
     def update(self, step: int, *, losses: Mapping[str, float], weights: Mapping[str, float]) -> None:
-        if self._progress is None:
+        if not self.enabled:
             return
         parts = []
         for name, loss in losses.items():
             weight = weights.get(name)
             parts.append(f"{name} {loss:.3g}" + (f"×{weight:.2g}" if weight is not None else ""))
-        self._progress.update(self._task, completed=step, status=" ".join(parts))
+        status = " ".join(parts)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, status=status)
+            return
+        if step < self._next_log and step < self.total_steps:
+            return
+        self._next_log = step + self._log_every
+        elapsed = time.perf_counter() - self._started
+        done = step - self._initial_step
+        remaining = elapsed / done * (self.total_steps - step) if done > 0 else math.nan
+        logger.info(
+            "step %d/%d (%d%%), %s elapsed, %s left; loss×weight: %s",
+            step, self.total_steps, 100 * step // max(1, self.total_steps), _duration(elapsed), _duration(remaining), status,
+        )
 
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+def _duration(seconds: float) -> str:
+    """Format seconds as ``1h02m``, ``3m05s`` or ``42s``; ``?`` when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{seconds:02d}s"
+    return f"{seconds}s"
