@@ -119,7 +119,13 @@ def test_invalid_balancer_value_fails_when_built(tmp_path: Path) -> None:
 def test_missing_schedule_rejected(tmp_path: Path) -> None:
     data = _minimal(tmp_path)
     del data["training"]["max_steps"]
-    assert "set training.max_steps or training.num_train_epochs" in _error(tmp_path, data)
+    assert "the run length is unset: set training.max_steps (optimizer steps) or training.num_train_epochs" in _error(tmp_path, data)
+
+
+def test_max_steps_minus_one_needs_epochs(tmp_path: Path) -> None:
+    data = _minimal(tmp_path)
+    data["training"]["max_steps"] = -1
+    assert "max_steps -1 means 'train by epochs', so it needs num_train_epochs" in _error(tmp_path, data)
 
 
 def test_epoch_task_must_exist(tmp_path: Path) -> None:

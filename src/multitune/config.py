@@ -253,7 +253,10 @@ class TrainingConfig(BaseModel):
     @model_validator(mode="after")
     def _check_schedule(self) -> TrainingConfig:
         if self.max_steps is None and self.num_train_epochs is None:
-            raise ValueError("set training.max_steps or training.num_train_epochs")
+            raise ValueError(
+                "the run length is unset: set training.max_steps (optimizer steps) or training.num_train_epochs "
+                "(passes over the epoch task); max_steps -1 means 'train by epochs', so it needs num_train_epochs"
+            )
         if self.load_best_model_at_end and self.metric_for_best_model is None:
             self.metric_for_best_model = "eval_loss"
         return self
