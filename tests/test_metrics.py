@@ -155,6 +155,16 @@ def test_regression_constant_predictions_have_nan_correlation() -> None:
     assert metrics["rmse"] == pytest.approx(math.sqrt(1.5))
 
 
+def test_constant_predictions_with_rounding_mean() -> None:
+    """Equal predictions whose float mean is off in the last bit still have no correlation."""
+    constant = np.full(300, 0.1, dtype=np.float64)
+    assert constant.mean() != 0.1  # the rounding that made the centred values non-zero
+    labels = np.linspace(-2.0, 3.0, 300)
+    metrics = compute_metrics("regression", constant, labels)
+    assert math.isnan(metrics["pearson"])
+    assert math.isnan(metrics["spearman"])
+
+
 def test_regression_column_and_flat_agree() -> None:
     labels = torch.tensor([1.0, 2.0, 4.0])
     predictions = torch.tensor([[1.0], [3.0], [3.5]])

@@ -69,6 +69,10 @@ def _as_columns(values: np.ndarray) -> np.ndarray:
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
     if x.size < 2:
         return float("nan")
+    # A constant input has no correlation. Its centred values need not be exactly zero, because
+    # the float mean of equal values can differ from them in the last bit.
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
     x_centered = x - x.mean()
     y_centered = y - y.mean()
     denominator = np.sqrt(np.sum(x_centered**2) * np.sum(y_centered**2))
