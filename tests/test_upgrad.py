@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
 from torch import nn
@@ -32,6 +32,7 @@ def _row_weights(gramian: np.ndarray, ridge: float = SMALL_RIDGE) -> list[np.nda
 
 @settings(max_examples=80, deadline=None)
 @given(st.integers(min_value=2, max_value=6), st.integers(min_value=1, max_value=8), st.integers(0, 2**31 - 1))
+@example(num_tasks=3, dimension=1, seed=245562489)
 def test_combined_gradient_conflicts_with_no_task(num_tasks, dimension, seed):
     generator = np.random.default_rng(seed)
     jacobian = generator.normal(size=(num_tasks, dimension)) * generator.uniform(0.1, 10.0, size=(num_tasks, 1))
@@ -39,7 +40,11 @@ def test_combined_gradient_conflicts_with_no_task(num_tasks, dimension, seed):
     coefficients = upgrad_weights(torch.tensor(gramian), reg_eps=SMALL_RIDGE).numpy()
     direction = coefficients @ jacobian
     scale = np.linalg.norm(jacobian, axis=1) * np.linalg.norm(jacobian, axis=1).max()
-    assert np.all(jacobian @ direction >= -TOLERANCE * scale)
+    # With fewer dimensions than tasks and gradients that conflict (opposite signs in 1-D, for
+    # example), the exact update is zero and the ridge moves it by the order of sqrt(ridge), not
+    # ridge: 2e-5 relative in the example above. Full-rank Jacobians stay within TOLERANCE.
+    tolerance = TOLERANCE if dimension >= num_tasks else 10.0 * np.sqrt(SMALL_RIDGE)
+    assert np.all(jacobian @ direction >= -tolerance * scale)
 
 
 @settings(max_examples=60, deadline=None)

@@ -239,10 +239,16 @@ def _evaluate(args: argparse.Namespace, console: Console) -> int:
 def _predict(args: argparse.Namespace, console: Console) -> int:
     from multitune.training._run import json_default, load_run, predict_rows
 
+    output = Path(args.output) if args.output is not None else None
+    if output is not None:
+        if output.is_dir():
+            raise ValueError(f"--output {output} is a folder; give a file name such as {output / 'predictions.jsonl'}")
+        output.parent.mkdir(parents=True, exist_ok=True)
+
     # The model comes from the run folder alone; the training data need not exist any more.
     run = load_run(args.run_dir, load_data=False)
     rows = predict_rows(run, args.task, args.file)
-    if args.output is None:
+    if output is None:
         count = 0
         for row in rows:
             sys.stdout.write(json.dumps(row, default=json_default, ensure_ascii=False) + "\n")
@@ -252,7 +258,6 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
 
     # Written under a temporary name and renamed at the end, so a failed run leaves any earlier
     # output file as it was.
-    output = Path(args.output)
     partial = output.with_name(output.name + ".tmp")
     count = 0
     try:
@@ -361,7 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"multitune: error: {_user_message(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("multitune: interrupted; resume with --resume from the last complete checkpoint", file=sys.stderr)
+        hint = "; resume with --resume from the last complete checkpoint" if args.command == "train" else ""
+        print(f"multitune: interrupted{hint}", file=sys.stderr)
         return 130
 
 

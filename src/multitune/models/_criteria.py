@@ -35,17 +35,22 @@ LOSSES_BY_KIND: dict[str, tuple[str, ...]] = {
 }
 
 
-def labelled_count(kind: str, labels: Tensor, label_mask: Tensor | None = None) -> int:
+def labelled_count(kind: str, labels: Tensor, label_mask: Tensor | None = None, target_mask: Tensor | None = None) -> int:
     """Return the number of labelled elements of a batch: the count that a built-in loss averages over.
 
-    Elements are as in this module's losses: the rows whose ``label_mask`` is True, and in them
-    the labels other than ``-100`` (classification, multilabel, token classification) or the
-    targets other than NaN (regression).
+    Elements are as in this module's losses. Only the rows whose ``label_mask`` is True count.
+    In them, a class, label or tag counts unless it is ``-100``. A regression target counts
+    unless it is NaN or, when ``target_mask`` is given, marked absent there.
     """
     if label_mask is not None:
-        labels = labels[label_mask.to(dtype=torch.bool).reshape(-1)]
+        rows = label_mask.to(dtype=torch.bool).reshape(-1)
+        labels = labels[rows]
+        target_mask = target_mask[rows] if target_mask is not None else None
     if kind == "regression":
-        return int((~torch.isnan(labels)).sum())
+        present = ~torch.isnan(labels)
+        if target_mask is not None:
+            present &= target_mask.to(dtype=torch.bool).reshape(present.shape)
+        return int(present.sum())
     return int((labels != IGNORE_INDEX).sum())
 
 

@@ -312,7 +312,7 @@ class MultiTaskModel(nn.Module):
         """Return the number of labelled elements of ``task``'s ``batch``, which :meth:`compute_loss` averages over."""
         if "labels" not in batch:
             raise KeyError(f"task {task!r}: the batch has no 'labels' entry (keys: {sorted(batch)})")
-        return labelled_count(self.heads[task].spec.kind, batch["labels"], batch.get("label_mask"))
+        return labelled_count(self.heads[task].spec.kind, batch["labels"], batch.get("label_mask"), batch.get("target_mask"))
 
     def predict(self, task: str, outputs: Tensor) -> Tensor:
         """Convert ``task``'s outputs to predictions: class ids, multi-hot (probability >= 0.5), values in original units, or tag ids."""

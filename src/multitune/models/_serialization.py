@@ -106,7 +106,12 @@ def read_description(directory: Path) -> dict[str, Any]:
     path = directory / DESCRIPTION_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; {directory} is not a folder written by MultiTaskModel.save_pretrained")
-    description = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        description = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); save the model again with MultiTaskModel.save_pretrained") from None
+    if not isinstance(description, dict):
+        raise ValueError(f"{path} must contain a JSON object, got {type(description).__name__}")
     version = description.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {version!r}, but this multitune reads version {FORMAT_VERSION}; save it again with a matching version")

@@ -15,6 +15,7 @@ import torch
 
 from multitune.config import Config, load_config
 from multitune.data import DataError, TaskData, eval_batches, load_task
+from multitune.data._sources import read_source
 from multitune.models import MultiTaskModel
 from multitune.training._build import build_mlp_backbone, build_model, load_run_tasks, load_tokenizer, select_device
 from multitune.training._evaluation import TaskEvaluation, constant_baseline, evaluate_task
@@ -128,16 +129,12 @@ def evaluate_run(run: LoadedRun) -> dict[str, tuple[TaskEvaluation, dict[str, fl
     return results
 
 
-def _read_rows(path: Path) -> Any:
-    import datasets
-
-    suffix = path.suffix.lower()
-    if suffix not in _READERS:
-        raise DataError(f"{path}: unknown file type {suffix!r}; use one of {', '.join(_READERS)}")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    builder, options = _READERS[suffix]
-    return datasets.load_dataset(builder, data_files={"data": str(path)}, split="data", **options)
+def _read_rows(path: Path, task: str) -> Any:
+    """Read a prediction input file with the data layer's reader (same formats and errors as training data)."""
+    rows = read_source(path, task=task, role="eval").dataset
+    if len(rows) == 0:
+        raise DataError(f"{path}: the file has no rows to predict")
+    return rows
 
 
 def predict_rows(run: LoadedRun, task_name: str, path: str | Path) -> Iterator[dict[str, Any]]:
@@ -152,15 +149,18 @@ def predict_rows(run: LoadedRun, task_name: str, path: str | Path) -> Iterator[d
         raise KeyError(f"unknown task {task_name!r}; the run has tasks {list(run.config.tasks)}")
     spec = run.config.tasks[task_name]
     label_names = run.model.head_specs[task_name].label_names
-    rows = _read_rows(Path(path))
+    rows = _read_rows(Path(path), task_name)
     originals = rows.to_list()
+    # The file's label columns, when present, go to the output rows unchanged but are never read:
+    # a label value the run has not seen would otherwise fail to encode.
+    rows = rows.remove_columns([field for field in spec.target_fields if field in rows.column_names])
     for field in spec.target_fields:
-        if field not in rows.column_names:
-            rows = rows.add_column(field, [None] * len(rows))
+        rows = rows.add_column(field, [None] * len(rows))
     predict_spec = spec.model_copy(
         update={"train": rows, "eval": None, "eval_fraction": None, "max_train_examples": None, "standardize_targets": False}
     )
     task = load_task(predict_spec, run.tokenizer, label_names=label_names)
+    _check_input_width(run.model, task, Path(path))
 
     run.model.eval()
     position = 0
@@ -174,6 +174,19 @@ def predict_rows(run: LoadedRun, task_name: str, path: str | Path) -> Iterator[d
                 row["prediction"] = _decode(task, prediction, batch, index, run.tokenizer, row)
                 position += 1
                 yield row
+
+
+def _check_input_width(model: MultiTaskModel, task: TaskData, path: Path) -> None:
+    """Raise a DataError when numeric inputs do not have the width of the model's first layer."""
+    backbone = model.backbone
+    first = backbone[0] if isinstance(backbone, torch.nn.Sequential) and len(backbone) > 0 else None
+    if task.input_dim is None or not isinstance(first, torch.nn.Linear):
+        return
+    if task.input_dim != first.in_features:
+        raise DataError(
+            f"{path}: task {task.name!r} rows have {task.input_dim} input values, but the model reads {first.in_features}; "
+            f"give each row the {first.in_features} values of the task's feature_fields"
+        )
 
 
 def _decode(task: TaskData, prediction: np.ndarray, batch: dict[str, torch.Tensor], index: int, tokenizer: Any, row: dict[str, Any]) -> Any:

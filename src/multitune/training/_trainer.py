@@ -94,6 +94,9 @@ class _Interval:
     steps: int = 0
 
     def add(self, losses: Mapping[str, float], total: float) -> None:
+        if not losses:
+            # A step in which no task had a labelled element trains nothing and is not averaged in.
+            return
         for name, value in losses.items():
             self.loss_sums[name] = self.loss_sums.get(name, 0.0) + value
             self.loss_counts[name] = self.loss_counts.get(name, 0) + 1
@@ -112,8 +115,9 @@ class Trainer:
     1. takes ``gradient_accumulation_steps`` steps from the :class:`~multitune.data.MultiTaskLoader`
        (a mixed step is one ``{task: batch}``; a homogeneous step is a list of one-task
        micro-batches);
-    2. runs the backbone once per task batch, then the task's head and loss. A task that appears
-       in ``k`` micro-batches contributes the mean of its ``k`` losses;
+    2. runs the backbone once per task batch, then the task's head and loss. A task's loss in the
+       step is the mean over its labelled elements in all the step's micro-batches (and ranks),
+       and a task without any is left out of the step;
     3. hands the per-task losses to the balancer. A loss-weighting method returns a total that is
        back-propagated once. A gradient-based method (:class:`~multitune.balancing.GradientBalancer`)
        receives each micro-batch's losses through ``accumulate`` and writes the combined gradient
@@ -236,6 +240,7 @@ class Trainer:
         progress = ProgressDisplay(self.total_steps, initial_step=self.step, enabled=self.show_progress and self.is_main_process)
         interval = _Interval()
         started = time.perf_counter()
+        first_step = self.step
         try:
             steps = self._optimizer_steps()
             while self.step < self.total_steps:
@@ -265,7 +270,7 @@ class Trainer:
         # The other ranks may read the checkpoints below only once rank 0 has written them.
         barrier()
         metrics_logger.close()
-        logger.info("trained %d steps in %.1f s", self.step, time.perf_counter() - started)
+        logger.info("trained %d steps in %.1f s (step %d of %d)", self.step - first_step, time.perf_counter() - started, self.step, self.total_steps)
 
         if self.args.load_best_model_at_end and self.best_step is not None and self.best_step != self.step:
             best = self.run_dir / f"checkpoint-{self.best_step}"
