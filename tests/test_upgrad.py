@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
 from torch import nn
@@ -42,8 +42,13 @@ def test_combined_gradient_conflicts_with_no_task(num_tasks, dimension, seed):
     scale = np.linalg.norm(jacobian, axis=1) * np.linalg.norm(jacobian, axis=1).max()
     # With fewer dimensions than tasks and gradients that conflict (opposite signs in 1-D, for
     # example), the exact update is zero and the ridge moves it by the order of sqrt(ridge), not
-    # ridge: 2e-5 relative in the example above. Full-rank Jacobians stay within TOLERANCE.
-    tolerance = TOLERANCE if dimension >= num_tasks else 10.0 * np.sqrt(SMALL_RIDGE)
+    # ridge: 2e-5 relative in the first example above. A task whose squared gradient norm is not
+    # far above the ridge (relative to the trace) is barely protected at all, as the balancer
+    # docs say, so such draws are left out. Full-rank Jacobians stay within TOLERANCE.
+    tolerance = TOLERANCE
+    if dimension < num_tasks:
+        assume(np.min(np.diag(gramian)) / np.trace(gramian) > 1e3 * SMALL_RIDGE)
+        tolerance = 10.0 * np.sqrt(SMALL_RIDGE)
     assert np.all(jacobian @ direction >= -tolerance * scale)
 
 
