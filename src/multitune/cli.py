@@ -91,11 +91,19 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
         level = logging.DEBUG
     elif quiet:
         level = logging.WARNING
-    handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
-    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]", handlers=[handler], force=True)
+    # Without a terminal (a log file, a pipe) rich would wrap every line at 80 columns, so plain
+    # one-line records with a timestamp are written instead.
+    interactive = sys.stderr.isatty()
+    if interactive:
+        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
+        logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]", handlers=[handler], force=True)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S", handlers=[handler], force=True)
     for noisy in ("httpx", "urllib3", "filelock", "fsspec", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    if quiet:
+    if quiet or not interactive:
+        # Redrawn bars of the datasets library would fill a log file with carriage returns.
         _disable_library_progress_bars()
 
 
