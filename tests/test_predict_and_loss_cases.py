@@ -136,3 +136,43 @@ def test_loss_scales_count_missing_regression_targets(trained: Path) -> None:
         outputs = trainer.model.head_forward("pair", trainer.model.forward_features(prepared))
         expected = float(trainer.model.compute_loss("pair", outputs, prepared))
     assert scaled == pytest.approx(expected, rel=1e-6)
+
+
+def test_sigterm_during_predict_keeps_output(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM in the middle of predict exits 130, removes the partial file and keeps the earlier output."""
+    import os
+    import signal
+
+    from multitune.training import _run
+
+    rows = _pixel_rows(trained, 4)
+    source = _write_jsonl(tmp_path / "rows.jsonl", [{"pixels": row["pixels"]} for row in rows])
+    output = tmp_path / "predictions.jsonl"
+    output.write_text("earlier output\n", encoding="utf-8")
+    predict_rows = _run.predict_rows
+
+    def terminated_after_two_rows(*args, **kwargs):
+        for index, row in enumerate(predict_rows(*args, **kwargs)):
+            if index == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield row
+
+    monkeypatch.setattr(_run, "predict_rows", terminated_after_two_rows)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["-q", "predict", str(trained), "--task", "left", str(source), "--output", str(output)]) == 130
+    assert "multitune: interrupted" in capsys.readouterr().err
+    assert output.read_text(encoding="utf-8") == "earlier output\n"
+    assert not output.with_name("predictions.jsonl.tmp").exists()
+    assert signal.getsignal(signal.SIGTERM) is handler_before
+
+
+def test_predict_writes_strict_json(trained: Path, tmp_path: Path) -> None:
+    """An infinite value in an extra column becomes null, so every output line is strict JSON."""
+    rows = _pixel_rows(trained, 2)
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps({"pixels": row["pixels"], "score": 1e999}) + "\n" for row in rows), encoding="utf-8")
+    output = tmp_path / "predictions.jsonl"
+    assert cli.main(["-q", "predict", str(trained), "--task", "left", str(source), "--output", str(output)]) == 0
+    for line in output.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line, parse_constant=lambda constant: pytest.fail(f"non-standard JSON constant {constant}"))
+        assert row["score"] is None

@@ -17,7 +17,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -245,7 +247,7 @@ def _evaluate(args: argparse.Namespace, console: Console) -> int:
 
 
 def _predict(args: argparse.Namespace, console: Console) -> int:
-    from multitune.training._run import json_default, load_run, predict_rows
+    from multitune.training._run import json_line, load_run, predict_rows
 
     output = Path(args.output) if args.output is not None else None
     if output is not None:
@@ -259,7 +261,7 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     if output is None:
         count = 0
         for row in rows:
-            sys.stdout.write(json.dumps(row, default=json_default, ensure_ascii=False) + "\n")
+            sys.stdout.write(json_line(row) + "\n")
             count += 1
         logger.info("wrote %d predictions", count)
         return 0
@@ -271,7 +273,7 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     try:
         with open(partial, "w", encoding="utf-8") as handle:
             for row in rows:
-                handle.write(json.dumps(row, default=json_default, ensure_ascii=False) + "\n")
+                handle.write(json_line(row) + "\n")
                 count += 1
         os.replace(partial, output)
     finally:
@@ -338,6 +340,21 @@ _COMMANDS = {
 }
 
 
+def _interrupt_on_sigterm() -> Any:
+    """Handle SIGTERM (how job schedulers and torchrun stop a process) like Ctrl-C; return the previous handler.
+
+    The interrupt unwinds the command, so temporary files are removed and the exit status is 130.
+    Returns ``None`` outside the main thread, where Python cannot set signal handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
 def _reject_launcher_for(command: str) -> None:
     """Raise when a launcher such as torchrun started several processes of a command other than ``train``."""
     from multitune.distributed import launched_world_size
@@ -360,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from multitune.config import ConfigError
     from multitune.data import DataError
 
+    previous_sigterm = _interrupt_on_sigterm()
     try:
         _reject_launcher_for(args.command)
         return _COMMANDS[args.command](args, console)
@@ -377,6 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = "; resume with --resume from the last complete checkpoint" if args.command == "train" else ""
         print(f"multitune: interrupted{hint}", file=sys.stderr)
         return 130
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,6 +211,21 @@ def _decode(task: TaskData, prediction: np.ndarray, batch: dict[str, torch.Tenso
         seen.add(word)
         tags[word] = names[int(prediction[position])]
     return tags
+
+
+def json_line(row: Mapping[str, Any]) -> str:
+    """Return ``row`` as one line of strict JSON: NaN and infinite floats become null, NumPy values plain ones."""
+    return json.dumps(_finite(row), default=json_default, ensure_ascii=False, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def json_default(value: Any) -> Any:
