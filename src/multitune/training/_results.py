@@ -31,13 +31,14 @@ RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """Return ``value`` with NaN and infinite floats replaced by None, in nested mappings and lists too."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Mapping):
-        return {str(key): _json_safe(item) for key, item in value.items()}
+        return {str(key): json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
+        return [json_safe(item) for item in value]
     return value
 
 
@@ -51,7 +52,7 @@ def beats_baseline(value: float | None, baseline: float | None, higher_is_better
 def write_results(run_dir: Path, results: Mapping[str, Any]) -> None:
     """Write ``results.json`` and ``results.md`` into ``run_dir``."""
     run_dir = Path(run_dir)
-    atomic_write_text(run_dir / RESULTS_JSON, json.dumps(_json_safe(dict(results)), indent=2, sort_keys=False) + "\n")
+    atomic_write_text(run_dir / RESULTS_JSON, json.dumps(json_safe(dict(results)), indent=2, sort_keys=False) + "\n")
     atomic_write_text(run_dir / RESULTS_MD, results_markdown(results))
 
 

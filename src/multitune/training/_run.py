@@ -18,6 +18,7 @@ from multitune.data import DataError, TaskData, eval_batches, load_task
 from multitune.data._sources import read_source
 from multitune.models import MultiTaskModel
 from multitune.training._build import build_mlp_backbone, build_model, load_run_tasks, load_tokenizer, select_device
+from multitune.training._results import json_safe
 from multitune.training._evaluation import TaskEvaluation, constant_baseline, evaluate_task
 from multitune.training._trainer import CONFIG_FILE, MODEL_DIR
 
@@ -215,17 +216,7 @@ def _decode(task: TaskData, prediction: np.ndarray, batch: dict[str, torch.Tenso
 
 def json_line(row: Mapping[str, Any]) -> str:
     """Return ``row`` as one line of strict JSON: NaN and infinite floats become null, NumPy values plain ones."""
-    return json.dumps(_finite(row), default=json_default, ensure_ascii=False, allow_nan=False)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
+    return json.dumps(json_safe(row), default=json_default, ensure_ascii=False, allow_nan=False)
 
 
 def json_default(value: Any) -> Any:
