@@ -18,8 +18,8 @@ from multitune.data import DataError, TaskData, eval_batches, load_task
 from multitune.data._sources import read_source
 from multitune.models import MultiTaskModel
 from multitune.training._build import build_mlp_backbone, build_model, load_run_tasks, load_tokenizer, select_device
-from multitune.training._results import json_safe
 from multitune.training._evaluation import TaskEvaluation, constant_baseline, evaluate_task
+from multitune.training._results import json_safe
 from multitune.training._trainer import CONFIG_FILE, MODEL_DIR
 
 logger = logging.getLogger(__name__)
