@@ -61,3 +61,21 @@ def cut_run_before_checkpoint(run_dir: Path, step: int) -> None:
     partial = run_dir / f"checkpoint-{step}.tmp"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"\x00" * 16)
+
+
+def without_dropout(path: Path) -> Path:
+    """Turn off the heads' dropout in the config at ``path``, so that two runs draw no different masks."""
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for task in config["tasks"].values():
+        task["loss"] = {"dropout": 0.0}
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def one_error_line(err: str) -> str:
+    """Return the single ``multitune: error:`` line of a command's stderr, checking that it is the only line."""
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("multitune: error: ")
+    return lines[0]

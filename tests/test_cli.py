@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _multidigits_helpers import build_small_multidigits, write_config
+from _multidigits_helpers import build_small_multidigits, one_error_line, write_config
 
 from multitune import cli
 from multitune.config import ConfigError
@@ -22,21 +22,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "run"
 
 
-def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("multitune: error: ")
-    return lines[0]
-
-
 def test_bad_value_exits_2_with_key_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = build_small_multidigits(tmp_path)
     config = write_config(root)
     code = cli.main(["train", str(config), "--set", "training.learning_rate=fast"])
     assert code == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys.readouterr().err)
     assert "config.yaml: training.learning_rate: Input should be a valid number" in line
     assert line.endswith("got 'fast'")
 
@@ -44,18 +35,18 @@ def test_bad_value_exits_2_with_key_path(tmp_path: Path, capsys: pytest.CaptureF
 def test_unknown_balancer_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path)
     assert cli.main(["train", str(config), "--set", "balancer.name=nope"]) == 2
-    assert "balancer.name: unknown balancer 'nope'" in _one_error_line(capsys)
+    assert "balancer.name: unknown balancer 'nope'" in one_error_line(capsys.readouterr().err)
 
 
 def test_missing_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["train", str(tmp_path / "missing.yaml")]) == 2
-    assert "missing.yaml: config file not found" in _one_error_line(capsys)
+    assert "missing.yaml: config file not found" in one_error_line(capsys.readouterr().err)
 
 
 def test_missing_data_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path)
     assert cli.main(["-q", "train", str(config)]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys.readouterr().err)
     assert "train file" in line
     assert "train.jsonl' not found" in line
 
@@ -77,7 +68,7 @@ def test_evaluate_prints_table(trained: Path, capsys: pytest.CaptureFixture[str]
 
 def test_evaluate_unfinished_run_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["evaluate", str(tmp_path)]) == 2
-    assert "config.yaml not found; is this a multitune run folder?" in _one_error_line(capsys)
+    assert "config.yaml not found; is this a multitune run folder?" in one_error_line(capsys.readouterr().err)
 
 
 def test_predict_writes_one_row_per_input(trained: Path, tmp_path: Path) -> None:
@@ -101,7 +92,7 @@ def test_predict_unknown_task_exits_2(trained: Path, tmp_path: Path, capsys: pyt
     source = tmp_path / "inputs.jsonl"
     source.write_text(json.dumps({"pixels": [0.0] * 128}) + "\n")
     assert cli.main(["-q", "predict", str(trained), "--task", "colour", str(source)]) == 2
-    assert "unknown task 'colour'" in _one_error_line(capsys)
+    assert "unknown task 'colour'" in one_error_line(capsys.readouterr().err)
 
 
 def test_predict_without_training_data(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -126,7 +117,7 @@ def test_predict_without_training_data(trained: Path, tmp_path: Path, capsys: py
     # Evaluation needs the eval data, so the copied run names the missing file.
     capsys.readouterr()
     assert cli.main(["-q", "evaluate", str(copied)]) == 2
-    assert "deleted" in _one_error_line(capsys)
+    assert "deleted" in one_error_line(capsys.readouterr().err)
 
 
 def test_failed_predict_keeps_output(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -135,7 +126,7 @@ def test_failed_predict_keeps_output(trained: Path, tmp_path: Path, capsys: pyte
     output = tmp_path / "predictions.jsonl"
     output.write_text("earlier output\n")
     assert cli.main(["-q", "predict", str(trained), "--task", "left", str(source), "--output", str(output)]) == 2
-    assert "pixels" in _one_error_line(capsys)
+    assert "pixels" in one_error_line(capsys.readouterr().err)
     assert output.read_text() == "earlier output\n"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["inputs.jsonl", "predictions.jsonl"]
 

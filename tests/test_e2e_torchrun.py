@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _multidigits_helpers import build_small_multidigits, cut_run_before_checkpoint, write_config
+from _multidigits_helpers import build_small_multidigits, cut_run_before_checkpoint, without_dropout, write_config
 from safetensors.torch import load_file
 
 from multitune.training import read_metrics
@@ -27,14 +27,6 @@ from multitune.training import read_metrics
 TIMEOUT_S = 300
 STEPS = 6
 LAUNCHER = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-
-
-def _without_dropout(path: Path) -> Path:
-    config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    for task in config["tasks"].values():
-        task["loss"] = {"dropout": 0.0}
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    return path
 
 
 def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -54,8 +46,8 @@ def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = build_small_multidigits(tmp_path_factory.mktemp("torchrun"))
     settings = {"max_steps": STEPS, "eval_steps": 3, "save_steps": 3}
-    two_ranks = _without_dropout(write_config(root, "two.yaml", output_dir=str(root / "two"), per_device_train_batch_size=8, **settings))
-    one_rank = _without_dropout(write_config(root, "one.yaml", output_dir=str(root / "one"), per_device_train_batch_size=16, **settings))
+    two_ranks = without_dropout(write_config(root, "two.yaml", output_dir=str(root / "two"), per_device_train_batch_size=8, **settings))
+    one_rank = without_dropout(write_config(root, "one.yaml", output_dir=str(root / "one"), per_device_train_batch_size=16, **settings))
 
     completed = _run([*LAUNCHER, "-m", "multitune", "train", str(two_ranks)], cwd=root)
     (root / "two.stdout").write_text(completed.stdout, encoding="utf-8")

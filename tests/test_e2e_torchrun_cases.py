@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _multidigits_helpers import build_small_multidigits, write_config
+from _multidigits_helpers import build_small_multidigits, without_dropout, write_config
 from safetensors.torch import load_file
 
 TIMEOUT_S = 60
@@ -65,14 +65,6 @@ def _run(command: list[str], cwd: Path) -> None:
     assert completed.returncode == 0, f"{' '.join(command)} exited with {completed.returncode}:\n{completed.stderr[-3000:]}"
 
 
-def _without_dropout(path: Path) -> Path:
-    config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    for task in config["tasks"].values():
-        task["loss"] = {"dropout": 0.0}
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    return path
-
-
 def _train_rows(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [row for row in map(json.loads, lines) if row["type"] == "train"]
@@ -113,7 +105,7 @@ def test_unlabelled_batch_on_one_rank(root: Path) -> None:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
         config["tasks"]["sum"]["train"] = "data/sparse.jsonl"
         path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        configs[name] = _without_dropout(path)
+        configs[name] = without_dropout(path)
 
     _run([*LAUNCHER, "-m", "multitune", "-q", "train", str(configs["two"])], root)
     _run([sys.executable, "-m", "multitune", "-q", "train", str(configs["one"])], root)
@@ -138,7 +130,7 @@ def test_dwa_resume_mid_period(root: Path) -> None:
     config = yaml.safe_load(full.read_text(encoding="utf-8"))
     config["balancer"] = {"name": "dwa", "steps_per_epoch": 5}
     full.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    full = _without_dropout(full)
+    full = without_dropout(full)
     _run([*LAUNCHER, "-m", "multitune", "-q", "train", str(full)], root)
 
     # A copy of the run cut back to a crash after step 3, in the middle of DWA's first period.

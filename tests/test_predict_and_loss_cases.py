@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _multidigits_helpers import build_small_multidigits, write_config
+from _multidigits_helpers import build_small_multidigits, one_error_line, write_config
 
 from multitune import cli
 from multitune.config import load_config
@@ -37,15 +37,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("multitune: error: ")
-    return lines[0]
-
-
 def test_predict_ignores_unseen_label_value(trained: Path, tmp_path: Path) -> None:
     """The docs say a label column in the input is kept and not used, so its values cannot fail the run."""
     rows = [{"pixels": row["pixels"], "left": "not-a-digit"} for row in _pixel_rows(trained, 3)]
@@ -63,7 +54,7 @@ def test_predict_empty_file_exits_2(trained: Path, tmp_path: Path, capsys: pytes
     source.write_text("", encoding="utf-8")
 
     assert cli.main(["-q", "predict", str(trained), "--task", "left", str(source)]) == 2
-    assert "empty.jsonl" in _one_error_line(capsys)
+    assert "empty.jsonl" in one_error_line(capsys.readouterr().err)
 
 
 def test_predict_wrong_feature_width_exits_2(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -71,7 +62,7 @@ def test_predict_wrong_feature_width_exits_2(trained: Path, tmp_path: Path, caps
     source = _write_jsonl(tmp_path / "short.jsonl", [{"pixels": row["pixels"][:10]} for row in _pixel_rows(trained, 3)])
 
     assert cli.main(["-q", "predict", str(trained), "--task", "left", str(source)]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys.readouterr().err)
     assert "10" in line
     assert "128" in line
 
@@ -82,7 +73,7 @@ def test_predict_output_is_folder_exits_2(trained: Path, tmp_path: Path, capsys:
     folder.mkdir()
 
     assert cli.main(["-q", "predict", str(trained), "--task", "left", str(source), "--output", str(folder)]) == 2
-    assert "predictions" in _one_error_line(capsys)
+    assert "predictions" in one_error_line(capsys.readouterr().err)
 
 
 def test_predict_corrupt_model_description_names_file(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -92,7 +83,7 @@ def test_predict_corrupt_model_description_names_file(trained: Path, tmp_path: P
     source = _write_jsonl(tmp_path / "rows.jsonl", [{"pixels": row["pixels"]} for row in _pixel_rows(trained, 1)])
 
     assert cli.main(["-q", "predict", str(copied), "--task", "left", str(source)]) == 2
-    assert "multitune_model.json" in _one_error_line(capsys)
+    assert "multitune_model.json" in one_error_line(capsys.readouterr().err)
 
 
 def test_loss_scales_count_missing_regression_targets(trained: Path) -> None:
