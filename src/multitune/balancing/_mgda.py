@@ -131,9 +131,12 @@ class MGDA(GradientBalancer):
     :math:`O(1/k)` when the solution lies on a face of the simplex (some :math:`\alpha_i = 0`), so
     after 250 iterations its :math:`\alpha^\top G \alpha` can still be about 1% above the minimum.
 
-    ``normalization="l2"`` solves the problem for unit gradients :math:`g_i/\|g_i\|` (one of the
-    normalisations of the official code, not part of the paper); the coefficients reported by
-    :attr:`weights` then apply to the original gradients.
+    ``normalization="l2"`` solves the problem for unit gradients :math:`g_i/\|g_i\|`, and the
+    coefficients :math:`c_i = \alpha_i/\|g_i\|` reported by :attr:`weights` apply to the original
+    gradients, so the update is the min-norm element of the unit gradients. NOTE: the authors'
+    code (github.com/intel-isl/MultiObjectiveOptimization, not the paper) normalises the same
+    way but applies :math:`\alpha_i` itself to the original losses, and also normalises by the
+    loss (``loss``, ``loss+``), which is not implemented here.
 
     Args:
         task_names: names of the tasks.
