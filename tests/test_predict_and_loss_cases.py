@@ -167,3 +167,51 @@ def test_predict_writes_strict_json(trained: Path, tmp_path: Path) -> None:
     for line in output.read_text(encoding="utf-8").splitlines():
         row = json.loads(line, parse_constant=lambda constant: pytest.fail(f"non-standard JSON constant {constant}"))
         assert row["score"] is None
+
+
+def test_predict_input_dim_mismatch_exits_2(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    copied = tmp_path / "run"
+    shutil.copytree(trained, copied)
+    config = yaml.safe_load((copied / "config.yaml").read_text(encoding="utf-8"))
+    config["model"]["input_dim"] = 64
+    (copied / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    source = _write_jsonl(tmp_path / "rows.jsonl", [{"pixels": row["pixels"]} for row in _pixel_rows(trained, 1)])
+
+    assert cli.main(["-q", "predict", str(copied), "--task", "left", str(source)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "model.input_dim is 64" in line
+    assert "reads 128 values" in line
+
+
+def test_single_class_classification_names_task(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = _pixel_rows(trained, 6)
+    train = _write_jsonl(tmp_path / "one_class.jsonl", [{"pixels": row["pixels"], "colour": "red"} for row in rows])
+    data = {
+        "model": {"type": "mlp", "hidden_sizes": [8]},
+        "tasks": {"colour": {"kind": "classification", "train": str(train), "feature_fields": "pixels", "label_field": "colour"}},
+        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "report_to": "none"},
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
+
+    assert cli.main(["-q", "train", str(config)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "task 'colour': the training labels contain one class (['red'])" in line
+    assert "tasks.colour.labels" in line
+
+
+def test_invalid_head_option_names_task(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = _pixel_rows(trained, 6)
+    train = _write_jsonl(tmp_path / "rows.jsonl", [{"pixels": row["pixels"], "left": row["left"]} for row in rows])
+    data = {
+        "model": {"type": "mlp", "hidden_sizes": [8]},
+        "tasks": {"left": {"kind": "classification", "train": str(train), "feature_fields": "pixels", "label_field": "left", "loss": {"dropout": 2.0}}},
+        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "report_to": "none"},
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
+
+    assert cli.main(["-q", "train", str(config)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "task 'left': invalid head options (dropout:" in line
+    assert "set them under tasks.left.loss" in line

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from multitune.balancing import Balancer, GradientBalancer, build_balancer, get_balancer_class
@@ -50,7 +51,17 @@ def head_spec(task: TaskData) -> HeadSpec:
         fields["target_std"] = list(task.target_std or [1.0] * len(task.target_mean))
     if task.label_names is not None:
         fields["label_names"] = list(task.label_names)
-    return HeadSpec.model_validate(fields)
+    if task.kind == "classification" and task.num_outputs < 2:
+        raise ValueError(
+            f"task {task.name!r}: the training labels contain one class ({task.label_names}), but a classification "
+            f"task needs two or more; list every class under tasks.{task.name}.labels, or use kind: multilabel "
+            "for a single yes/no label"
+        )
+    try:
+        return HeadSpec.model_validate(fields)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(part) for part in item['loc']) or 'head'}: {item['msg']}" for item in error.errors())
+        raise ValueError(f"task {task.name!r}: invalid head options ({problems}); set them under tasks.{task.name}.loss") from None
 
 
 def build_mlp_backbone(input_dim: int, hidden_sizes: list[int], dropout: float) -> nn.Sequential:

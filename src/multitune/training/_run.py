@@ -112,7 +112,13 @@ def _load_saved_model(config: Config, model_dir: Path) -> MultiTaskModel:
 
     with safe_open(str(model_dir / "model.safetensors"), framework="pt") as weights:
         first = weights.get_slice("backbone.0.weight") if "backbone.0.weight" in weights.keys() else None
-        input_dim = config.model.input_dim or (first.get_shape()[1] if first is not None else None)
+        saved_dim = first.get_shape()[1] if first is not None else None
+    if saved_dim is not None and config.model.input_dim is not None and config.model.input_dim != saved_dim:
+        raise ValueError(
+            f"{model_dir}: model.input_dim is {config.model.input_dim} in the run's config.yaml, but the saved MLP reads "
+            f"{saved_dim} values; remove model.input_dim or set it to {saved_dim}"
+        )
+    input_dim = saved_dim if saved_dim is not None else config.model.input_dim
     if input_dim is None:
         raise ValueError(f"{model_dir}: the MLP's input width is unknown (no backbone.0.weight saved); set model.input_dim")
     backbone = build_mlp_backbone(input_dim, config.model.hidden_sizes, config.model.dropout)
