@@ -102,7 +102,7 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S", handlers=[handler], force=True)
-    for noisy in ("httpx", "urllib3", "filelock", "fsspec", "datasets", "transformers"):
+    for noisy in ("httpx", "urllib3", "filelock", "fsspec", "datasets", "transformers", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     if quiet or not interactive:
         # Redrawn bars of the datasets library would fill a log file with carriage returns.

@@ -81,6 +81,20 @@ class HeadSpec(BaseModel):
             return value.strip().lower().replace("-", "_")
         return value
 
+    def _check_focal_values(self) -> None:
+        if not math.isfinite(self.gamma):
+            raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma}")
+        if self.alpha is None:
+            values: list[float] = []
+        elif isinstance(self.alpha, list):
+            values = self.alpha
+        else:
+            values = [self.alpha]
+        if not all(math.isfinite(value) and value >= 0.0 for value in values):
+            raise ValueError(f"alpha must contain finite numbers >= 0, got {self.alpha}")
+        if self.kind == "multilabel" and isinstance(self.alpha, float) and self.alpha > 1.0:
+            raise ValueError(f"a multilabel alpha weights positives against negatives, so it must be in [0, 1], got {self.alpha}")
+
     @model_validator(mode="after")
     def _check_consistency(self) -> HeadSpec:
         if self.kind == "classification" and self.num_outputs < 2:
@@ -95,6 +109,7 @@ class HeadSpec(BaseModel):
 
         if isinstance(self.alpha, list) and len(self.alpha) != self.num_outputs:
             raise ValueError(f"alpha has {len(self.alpha)} values but num_outputs is {self.num_outputs}; give one float or one value per output")
+        self._check_focal_values()
 
         self._check_standardisation()
 

@@ -43,6 +43,12 @@ def head_spec(task: TaskData) -> HeadSpec:
     """
     fields: dict[str, Any] = {"kind": task.kind, "num_outputs": task.num_outputs}
     loss = dict(task.spec.loss or {})
+    from_data = sorted({"kind", "num_outputs", "label_names", "target_mean", "target_std"} & set(loss))
+    if from_data:
+        raise ValueError(
+            f"task {task.name!r}: {from_data} in tasks.{task.name}.loss are set from the task's kind and data; "
+            f"remove them (use tasks.{task.name}.kind and tasks.{task.name}.labels instead)"
+        )
     if "name" in loss:
         fields["loss"] = loss.pop("name")
     fields.update(loss)

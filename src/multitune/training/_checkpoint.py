@@ -47,10 +47,17 @@ _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 def atomic_write_bytes(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write a file through ``write(handle)`` under a temporary name, fsync it and rename it to ``path``."""
     tmp_path = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp_path, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(tmp_path, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except Exception as error:
+        # An interrupt inside torch.save leaves its zip writer half-written, and the writer's
+        # cleanup then raises RuntimeError in place of the interrupt. The interrupt is re-raised.
+        if isinstance(error.__context__, KeyboardInterrupt):
+            raise error.__context__ from None
+        raise
     os.replace(tmp_path, path)
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -148,8 +149,9 @@ class ProgressDisplay:
         self._next_log = initial_step + self._log_every
         if not enabled:
             return
+        # rich counts FORCE_COLOR as a terminal, so the default console checks the real stderr.
+        self._logs_instead = not console.is_terminal if console is not None else not sys.stderr.isatty()
         console = console or Console(stderr=True)
-        self._logs_instead = not console.is_terminal
         if self._logs_instead:
             return
         self._progress = Progress(
