@@ -107,3 +107,27 @@ def test_force_color_log_file_has_no_bar(data_root: Path, tmp_path: Path, monkey
     err = capsys.readouterr().err
     assert "\r" not in err
     assert "\x1b[" not in err
+
+
+@pytest.mark.parametrize("checkpoints", [False, True])
+def test_interrupt_hint_matches_checkpoints(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], checkpoints: bool) -> None:
+    """An interrupted train offers --resume only when a complete checkpoint exists."""
+    from multitune.training import Trainer
+
+    run_dir = tmp_path / "run"
+    config = write_config(data_root, f"interrupted-{checkpoints}.yaml", output_dir=str(run_dir), max_steps=4, save_steps=2)
+    train = Trainer.train
+
+    def interrupted(self, *args, **kwargs):
+        # With checkpoints, the run writes them all before the interrupt; without, it stops at once.
+        if checkpoints:
+            train(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train", interrupted)
+    assert cli.main(["-q", "train", str(config)]) == 130
+    err = capsys.readouterr().err
+    if checkpoints:
+        assert "resume with --resume from the last complete checkpoint" in err
+    else:
+        assert "before the first checkpoint; start the run again without --resume" in err

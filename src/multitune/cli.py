@@ -205,6 +205,12 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     rank = get_rank()
     try:
         output = Trainer(config, show_progress=not args.quiet and not config.training.disable_progress_bar).train(resume=args.resume)
+    except KeyboardInterrupt:
+        from multitune.training import latest_checkpoint
+
+        # The interrupt message in main() offers --resume only when there is something to resume.
+        args.resumable = latest_checkpoint(Path(config.training.output_dir)) is not None
+        raise
     finally:
         if owns_process_group:
             shutdown()
@@ -392,7 +398,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"multitune: error: {_user_message(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        hint = "; resume with --resume from the last complete checkpoint" if args.command == "train" else ""
+        hint = ""
+        if args.command == "train":
+            if getattr(args, "resumable", True):
+                hint = "; resume with --resume from the last complete checkpoint"
+            else:
+                hint = " before the first checkpoint; start the run again without --resume"
         print(f"multitune: interrupted{hint}", file=sys.stderr)
         return 130
     finally:
