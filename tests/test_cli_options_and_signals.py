@@ -1,7 +1,10 @@
-"""Cases that must end ``multitune train`` cleanly: invalid options under ``tasks.<name>.loss``
-(one error line that names the task and ``tasks.<name>.loss``, exit status 2), and a SIGTERM that
-arrives while a checkpoint file is written (a ``KeyboardInterrupt``, which the command turns into
-exit status 130), and the progress of a run whose stderr is a file under FORCE_COLOR."""
+"""Cases that must end ``multitune train`` cleanly.
+
+Invalid options under ``tasks.<name>.loss`` give one error line that names the task and that key,
+with exit status 2. A SIGTERM while a checkpoint file is written ends in a ``KeyboardInterrupt``,
+which the command turns into exit status 130. A run whose stderr is a file under FORCE_COLOR logs
+plain records.
+"""
 
 from __future__ import annotations
 

@@ -106,7 +106,7 @@ class _GradientModule(torch.nn.Module):
         super().__init__()
         value = float(rank + 1)
         self.both = torch.nn.Parameter(torch.full((4,), value))
-        self.one = torch.nn.Parameter(torch.full((2,), value))
+        self.rank0_only = torch.nn.Parameter(torch.full((2,), value))
         self.none = torch.nn.Parameter(torch.full((3,), value))
         self.low_precision = torch.nn.Parameter(torch.full((2,), value, dtype=torch.bfloat16))
         self.frozen = torch.nn.Parameter(torch.full((2,), value), requires_grad=False)
@@ -145,12 +145,12 @@ def _worker(rank: int, init_file: str, result_dir: str) -> None:
             partial["b"] = torch.tensor(7.0)
         results["task_means"], results["task_present"] = balancer.reduce_task_stats(partial)
 
-        # Gradients: "both" has a gradient on both ranks, "one" on rank 0 only, "none" on neither,
+        # Gradients: "both" has a gradient on both ranks, "rank0_only" on rank 0 only, "none" on neither,
         # "low_precision" is bfloat16; "frozen" does not require grad.
         module = _GradientModule(rank)
         module.both.grad = _rank_values(rank)
         if rank == 0:
-            module.one.grad = torch.tensor([6.0, -2.0])
+            module.rank0_only.grad = torch.tensor([6.0, -2.0])
         module.low_precision.grad = (_rank_values(rank)[:2] * 0.5).to(torch.bfloat16)
         all_reduce_gradients(module.parameters())
         results["gradients"] = {name: None if p.grad is None else p.grad.clone() for name, p in module.named_parameters()}
@@ -233,9 +233,9 @@ def test_all_reduce_gradients_mean_over_ranks(rank_results):
 
 
 def test_all_reduce_gradients_missing_counts_as_zero(rank_results):
-    # Rank 1 had no gradient for "one": the mean is (g_0 + 0) / 2 on both ranks.
+    # Rank 1 had no gradient for "rank0_only": the mean is (g_0 + 0) / 2 on both ranks.
     for results in rank_results:
-        torch.testing.assert_close(results["gradients"]["one"], torch.tensor([3.0, -1.0]))
+        torch.testing.assert_close(results["gradients"]["rank0_only"], torch.tensor([3.0, -1.0]))
 
 
 def test_all_reduce_gradients_none_everywhere_stays_none(rank_results):

@@ -66,30 +66,30 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_two_ranks_match_one_process(runs: dict[str, Path]) -> None:
-    two = load_file(str(runs["two"] / "model" / "model.safetensors"))
-    one = load_file(str(runs["one"] / "model" / "model.safetensors"))
-    assert two.keys() == one.keys()
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=lambda message, name=name: f"{name}: {message}")
+    distributed = load_file(str(runs["two"] / "model" / "model.safetensors"))
+    single = load_file(str(runs["one"] / "model" / "model.safetensors"))
+    assert distributed.keys() == single.keys()
+    for name in single:
+        torch.testing.assert_close(distributed[name], single[name], rtol=1e-4, atol=1e-6, msg=lambda message, name=name: f"{name}: {message}")
 
 
 def test_logged_losses_are_means_over_ranks(runs: dict[str, Path]) -> None:
-    two = [row for row in read_metrics(runs["two"]) if row["type"] == "train"]
-    one = [row for row in read_metrics(runs["one"]) if row["type"] == "train"]
-    assert [row["step"] for row in two] == list(range(1, STEPS + 1))
-    for row_two, row_one in zip(two, one):
-        assert row_two["losses"].keys() == row_one["losses"].keys()
-        for task, loss in row_one["losses"].items():
-            assert row_two["losses"][task] == pytest.approx(loss, rel=1e-4), (row_two["step"], task)
-        assert row_two["loss"] == pytest.approx(row_one["loss"], rel=1e-4)
+    distributed = [row for row in read_metrics(runs["two"]) if row["type"] == "train"]
+    single = [row for row in read_metrics(runs["one"]) if row["type"] == "train"]
+    assert [row["step"] for row in distributed] == list(range(1, STEPS + 1))
+    for distributed_row, single_row in zip(distributed, single):
+        assert distributed_row["losses"].keys() == single_row["losses"].keys()
+        for task, loss in single_row["losses"].items():
+            assert distributed_row["losses"][task] == pytest.approx(loss, rel=1e-4), (distributed_row["step"], task)
+        assert distributed_row["loss"] == pytest.approx(single_row["loss"], rel=1e-4)
 
 
 def test_eval_metrics_match(runs: dict[str, Path]) -> None:
-    two = json.loads((runs["two"] / "results.json").read_text(encoding="utf-8"))
-    one = json.loads((runs["one"] / "results.json").read_text(encoding="utf-8"))
-    for task, entry in one["tasks"].items():
+    distributed = json.loads((runs["two"] / "results.json").read_text(encoding="utf-8"))
+    single = json.loads((runs["one"] / "results.json").read_text(encoding="utf-8"))
+    for task, entry in single["tasks"].items():
         for metric, value in entry["metrics"].items():
-            assert two["tasks"][task]["metrics"][metric] == pytest.approx(value, rel=1e-3, abs=1e-4), (task, metric)
+            assert distributed["tasks"][task]["metrics"][metric] == pytest.approx(value, rel=1e-3, abs=1e-4), (task, metric)
 
 
 def test_rank_0_alone_writes_and_prints(runs: dict[str, Path]) -> None:

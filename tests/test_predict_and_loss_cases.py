@@ -183,16 +183,22 @@ def test_predict_input_dim_mismatch_exits_2(trained: Path, tmp_path: Path, capsy
     assert "reads 128 values" in line
 
 
-def test_single_class_classification_names_task(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rows = _pixel_rows(trained, 6)
-    train = _write_jsonl(tmp_path / "one_class.jsonl", [{"pixels": row["pixels"], "colour": "red"} for row in rows])
+def _one_task_config(tmp_path: Path, task: str, spec: dict) -> Path:
+    """Write a one-step MLP config with one task to ``tmp_path / "config.yaml"``."""
     data = {
         "model": {"type": "mlp", "hidden_sizes": [8]},
-        "tasks": {"colour": {"kind": "classification", "train": str(train), "feature_fields": "pixels", "label_field": "colour"}},
+        "tasks": {task: spec},
         "training": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "report_to": "none"},
     }
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return config
+
+
+def test_single_class_classification_names_task(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = _pixel_rows(trained, 6)
+    train = _write_jsonl(tmp_path / "one_class.jsonl", [{"pixels": row["pixels"], "colour": "red"} for row in rows])
+    config = _one_task_config(tmp_path, "colour", {"kind": "classification", "train": str(train), "feature_fields": "pixels", "label_field": "colour"})
 
     assert cli.main(["-q", "train", str(config)]) == 2
     line = one_error_line(capsys.readouterr().err)
@@ -203,13 +209,8 @@ def test_single_class_classification_names_task(trained: Path, tmp_path: Path, c
 def test_invalid_head_option_names_task(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = _pixel_rows(trained, 6)
     train = _write_jsonl(tmp_path / "rows.jsonl", [{"pixels": row["pixels"], "left": row["left"]} for row in rows])
-    data = {
-        "model": {"type": "mlp", "hidden_sizes": [8]},
-        "tasks": {"left": {"kind": "classification", "train": str(train), "feature_fields": "pixels", "label_field": "left", "loss": {"dropout": 2.0}}},
-        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "report_to": "none"},
-    }
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    spec = {"kind": "classification", "train": str(train), "feature_fields": "pixels", "label_field": "left", "loss": {"dropout": 2.0}}
+    config = _one_task_config(tmp_path, "left", spec)
 
     assert cli.main(["-q", "train", str(config)]) == 2
     line = one_error_line(capsys.readouterr().err)

@@ -43,8 +43,8 @@ def test_combined_gradient_conflicts_with_no_task(num_tasks, dimension, seed):
     # With fewer dimensions than tasks and gradients that conflict (opposite signs in 1-D, for
     # example), the exact update is zero and the ridge moves it by the order of sqrt(ridge), not
     # ridge: 2e-5 relative in the first example above. A task whose squared gradient norm is not
-    # far above the ridge (relative to the trace) is barely protected at all, as the balancer
-    # docs say, so such draws are left out. Full-rank Jacobians stay within TOLERANCE.
+    # far above the ridge (relative to the trace) is barely protected at all (a limit stated in
+    # the balancer docs), so such draws are left out. Full-rank Jacobians stay within TOLERANCE.
     tolerance = TOLERANCE
     if dimension < num_tasks:
         assume(np.min(np.diag(gramian)) / np.trace(gramian) > 1e3 * SMALL_RIDGE)

@@ -63,7 +63,7 @@ def init_from_environment(*, use_cpu: bool = False) -> bool:
 
     The launcher's variables (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) configure
     the group. The backend is NCCL when CUDA is available and ``use_cpu`` is false, and each
-    process then uses the GPU of its ``LOCAL_RANK``; otherwise it is gloo, on the CPU. Nothing
+    process then uses the GPU of its ``LOCAL_RANK``. Otherwise it is gloo, on the CPU. Nothing
     happens in a one-process run or when the group is already initialised.
 
     Returns:
@@ -73,7 +73,7 @@ def init_from_environment(*, use_cpu: bool = False) -> bool:
     if launched_world_size() <= 1 or is_distributed():
         return False
     if not dist.is_available():
-        raise RuntimeError("WORLD_SIZE > 1 asks for a distributed run, but this PyTorch build has no torch.distributed")
+        raise RuntimeError("WORLD_SIZE > 1 requests a distributed run, but this PyTorch build has no torch.distributed; install a build with it or run one process")
 
     use_cuda = not use_cpu and torch.cuda.is_available()
     if use_cuda:
@@ -90,7 +90,7 @@ def shutdown() -> None:
 
 
 def barrier() -> None:
-    """Wait until every rank reaches this call; nothing happens outside a distributed run."""
+    """Wait until every rank reaches this call. Outside a distributed run it returns at once."""
     if is_distributed() and dist.get_world_size() > 1:
         dist.barrier()
 
@@ -110,7 +110,7 @@ def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     .. math:: \bar{g} = \frac{1}{W} \sum_{r=0}^{W-1} g_r
 
     A rank whose parameter has no gradient (``.grad`` is ``None``) counts as a zero gradient, as in
-    ``DistributedDataParallel``; a parameter without a gradient on every rank keeps ``None``, so
+    ``DistributedDataParallel``. A parameter without a gradient on every rank keeps ``None``, so
     the optimizer skips it as it would in a one-process run. The gradients are packed into one
     flat buffer per dtype and device, so a step makes one collective call per buffer plus one for
     the presence flags. Every rank must pass the same parameters in the same order.
